@@ -1,0 +1,146 @@
+"""The optimisation problem (P) of CHITA (Benbaki et al. 2023, eq. (4)-(5)).
+
+    min_w  f(w) = ½‖y − X w‖² + λ‖w − w̄‖² + αᵀw     s.t.  ‖w‖₀ ≤ k
+
+X (n×p) stacks n gradients (one row per mini-batch) so that (1/n)XᵀX is the
+empirical Fisher; y = X w̄; λ = l2·n/2 (the 1/n of the Fisher sits in λ); α is the
+optional first-order term. X is never squared into a p×p matrix here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _check_tensor(name: str, t, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float32/float64), got dtype {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def num_kept(sparsity: float, p: int) -> int:
+    """Number of weights kept at a given sparsity: k = round((1 − s)·p)."""
+    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool):
+        raise TypeError(f"sparsity must be a number, got {type(sparsity).__name__}")
+    if not 0.0 <= sparsity < 1.0 or math.isnan(sparsity):
+        raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
+    return max(1, int(round((1.0 - sparsity) * p)))
+
+
+def check_k(k, p: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= p:
+        raise ValueError(f"k must satisfy 1 <= k <= p = {p}, got k = {k}")
+    return k
+
+
+class Problem:
+    """Problem (P) with its objective, gradient and residual.
+
+    Args:
+        X: (n, p) gradient matrix, float32 or float64, on any device.
+        w_bar: (p,) dense weights w̄ around which the quadratic model is built.
+        l2: ridge weight; λ = l2·n/2 (default 0).
+        alpha: optional (p,) first-order term (e.g. the mean gradient); None means 0.
+        y: (n,) target; default X w̄. Passed explicitly by :meth:`restrict`.
+        offset: constant added to the objective (the ridge term of coordinates
+            removed by :meth:`restrict`), so restricted objectives equal full ones.
+    """
+
+    def __init__(self, X, w_bar, l2: float = 0.0, alpha=None, *, y=None, offset: float = 0.0):
+        _check_tensor("X", X, 2)
+        _check_tensor("w_bar", w_bar, 1)
+        n, p = X.shape
+        if w_bar.shape[0] != p:
+            raise ValueError(f"w_bar has {w_bar.shape[0]} entries but X has p = {p} columns")
+        if w_bar.dtype != X.dtype or w_bar.device != X.device:
+            raise TypeError(f"w_bar ({w_bar.dtype}, {w_bar.device}) must match X ({X.dtype}, {X.device})")
+        if isinstance(l2, bool) or not isinstance(l2, (int, float)):
+            raise TypeError(f"l2 must be a number, got {type(l2).__name__}")
+        if not math.isfinite(l2) or l2 < 0:
+            raise ValueError(f"l2 must be a finite number >= 0, got {l2}")
+        if alpha is not None:
+            _check_tensor("alpha", alpha, 1)
+            if alpha.shape[0] != p:
+                raise ValueError(f"alpha has {alpha.shape[0]} entries but X has p = {p} columns")
+            if alpha.dtype != X.dtype or alpha.device != X.device:
+                raise TypeError(f"alpha ({alpha.dtype}, {alpha.device}) must match X ({X.dtype}, {X.device})")
+        self.X, self.w_bar, self.alpha = X, w_bar, alpha
+        self.n, self.p = n, p
+        self.l2 = float(l2)
+        self.lam = self.l2 * n / 2.0
+        self.y = X @ w_bar if y is None else y  # (n,)
+        self.offset = float(offset)
+        self._lipschitz = None
+
+    # -- the quadratic -----------------------------------------------------------------
+    def residual(self, w: torch.Tensor) -> torch.Tensor:
+        """r = y − X w, shape (n,)."""
+        return self.y - self.X @ w
+
+    def objective(self, w: torch.Tensor, r: torch.Tensor | None = None) -> float:
+        """f(w) = ½‖r‖² + λ‖w − w̄‖² + αᵀw (+ offset); pass r to skip the matvec."""
+        if r is None:
+            r = self.residual(w)
+        f = 0.5 * torch.dot(r, r) + self.lam * torch.sum((w - self.w_bar) ** 2)
+        if self.alpha is not None:
+            f = f + torch.dot(self.alpha, w)
+        return float(f) + self.offset
+
+    def gradient(self, w: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
+        """∇f(w) = −Xᵀr + 2λ(w − w̄) + α, shape (p,)."""
+        if r is None:
+            r = self.residual(w)
+        g = -(self.X.T @ r)
+        if self.lam:
+            g += (2.0 * self.lam) * (w - self.w_bar)
+        if self.alpha is not None:
+            g += self.alpha
+        return g
+
+    def lipschitz(self, iters: int = 30, seed: int = 0) -> float:
+        """L = σ_max(X)² + 2λ by power iteration on XᵀX (never formed); cached.
+
+        Returns 1.05·L, the safety margin of the reference code, so 1/L is a safe step.
+        """
+        if self._lipschitz is None:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            v = torch.randn(self.p, generator=gen, dtype=torch.float64).to(self.X)
+            v /= v.norm()
+            sigma2 = 0.0
+            for _ in range(iters):
+                u = self.X.T @ (self.X @ v)
+                sigma2 = float(u.norm())
+                if sigma2 == 0.0:
+                    break
+                v = u / sigma2
+            self._lipschitz = 1.05 * (sigma2 + 2.0 * self.lam)
+        return self._lipschitz
+
+    # -- sub-problems ------------------------------------------------------------------
+    def restrict(self, idx: torch.Tensor) -> "Problem":
+        """The same problem with every coordinate outside ``idx`` fixed at zero.
+
+        Keeps the full y and adds λ‖w̄ outside idx‖² as a constant, so that
+        ``restricted.objective(w[idx]) == full.objective(w)`` for any w vanishing
+        outside idx. Used by the active set (Alg 4) and by fixed masks (CHITA++).
+        """
+        outside = torch.ones(self.p, dtype=torch.bool, device=self.X.device)
+        outside[idx] = False
+        offset = self.offset + self.lam * float(torch.sum(self.w_bar[outside] ** 2))
+        alpha = None if self.alpha is None else self.alpha[idx]
+        return Problem(self.X[:, idx], self.w_bar[idx], self.l2, alpha, y=self.y, offset=offset)
+
+    def __repr__(self) -> str:
+        return (f"Problem(n={self.n}, p={self.p}, l2={self.l2:g}, alpha={'yes' if self.alpha is not None else 'no'}, "
+                f"dtype={self.X.dtype}, device={self.X.device})")

@@ -1,0 +1,106 @@
+"""``solve``: one entry point for every solver of problem (P), and its result."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .active_set import active_set
+from .backsolve import backsolve
+from .blocks import block_backsolve
+from .iht import iht
+from .problem import Problem, check_k
+
+METHODS = ("active", "iht", "iht-fixed", "backsolve", "block")
+
+
+@dataclass
+class SolveResult:
+    """What a solver returns.
+
+    w: (p,) weights with at most k nonzeros; support: (p,) bool mask of the k kept
+    coordinates; objective: f(w) of problem (P); trace: f after every iteration
+    (one entry for closed-form methods); iterations; seconds: wall time of the solve.
+    """
+
+    w: torch.Tensor
+    support: torch.Tensor
+    objective: float
+    trace: list[float] = field(repr=False)
+    iterations: int
+    seconds: float
+    method: str
+
+    @property
+    def nnz(self) -> int:
+        return int((self.w != 0).sum())
+
+
+def _sync(t: torch.Tensor) -> None:
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
+
+
+def solve(X: torch.Tensor, w_bar: torch.Tensor, k: int, *, l2: float = 0.0, alpha: torch.Tensor | None = None,
+          method: str = "active", blocks=None, max_iter: int = 500, tol: float = 1e-7,
+          mask: torch.Tensor | None = None, **options) -> SolveResult:
+    """Solve problem (P) for k nonzeros with one of CHITA's algorithms.
+
+    Args:
+        X: (n, p) gradient matrix (float32/float64, any device); w_bar: (p,) weights.
+        k: number of weights to keep, 1 ≤ k ≤ p (or ≤ the number allowed by ``mask``).
+        l2: ridge weight (λ = l2·n/2); alpha: optional (p,) first-order term.
+        method: "active" (Alg 4), "iht" (Alg 3 with the Alg 2 line search),
+            "iht-fixed" (Alg 3 with step 1/L), "backsolve" (Alg 5), "block" (Alg 6).
+        blocks: block specification for "block" (see :func:`chita_minimal.blocks.make_blocks`).
+        max_iter, tol: IHT stopping rule (relative objective change < tol).
+        mask: optional (p,) bool; coordinates where it is False are fixed at 0 (CHITA++
+            stages keep earlier pruned weights pruned).
+        options: passed to the method (e.g. ``expand``, ``max_rounds``, ``polish`` for "active").
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    problem = Problem(X, w_bar, l2, alpha)
+    full = problem
+    idx = None
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != w_bar.shape:
+            raise ValueError(f"mask must be a bool tensor of shape {tuple(w_bar.shape)}")
+        idx = torch.nonzero(mask.to(X.device)).squeeze(1)
+        if idx.numel() == 0:
+            raise ValueError("mask allows no coordinate")
+        problem = problem.restrict(idx)
+    k = check_k(k, problem.p)
+    if method == "block" and blocks is None:
+        raise ValueError("method='block' needs blocks (a block size or a partition)")
+    if method != "block" and blocks is not None:
+        raise ValueError(f"blocks is only used by method='block', got method={method!r}")
+    if idx is not None and method == "block":
+        raise ValueError("mask is not supported with method='block'; fix pruned weights at 0 in w_bar instead")
+
+    _sync(X)
+    t0 = time.perf_counter()
+    if method == "active":
+        w, support, trace, iterations = active_set(problem, k, max_iter=max_iter, tol=tol, **options)
+    elif method in ("iht", "iht-fixed"):
+        w, support, trace, iterations = iht(problem, k, line_search=(method == "iht"), max_iter=max_iter, tol=tol,
+                                            **options)
+    elif method == "backsolve":
+        w, support = backsolve(problem, k, **options)
+        trace, iterations = [problem.objective(w)], 1
+    else:
+        w, support = block_backsolve(problem, k, blocks, **options)
+        trace, iterations = [problem.objective(w)], 1
+    _sync(X)
+    seconds = time.perf_counter() - t0
+
+    if idx is not None:  # back to the full coordinates
+        w_full = torch.zeros_like(w_bar)
+        w_full[idx] = w
+        s_full = torch.zeros_like(mask, device=X.device)
+        s_full[idx] = support
+        w, support = w_full, s_full
+    return SolveResult(w=w, support=support, objective=full.objective(w), trace=trace, iterations=iterations,
+                       seconds=seconds, method=method)
