@@ -12,7 +12,7 @@ import math
 import torch
 
 from .backsolve import first_step_support, ridge_on_support
-from .iht import hard_threshold, iht, support_of
+from .iht import line_search_step, hard_threshold, iht, support_of
 from .problem import Problem
 
 
@@ -23,7 +23,8 @@ def active_set(problem: Problem, k: int, *, expand: float = 1.5, max_rounds: int
     1. A = support of one IHT step from w̄, kept at ⌈expand·k⌉ coordinates.
     2. Solve (P) restricted to A by line-search IHT (Alg 2/3).
     3. Full-space step w' = H_k(w − τ∇f(w)) with τ = 2/L_A, halved until f decreases
-       (≤ ``max_halvings``); if it does, A ← A ∪ supp(w') and go to 2 (≤ ``max_rounds``).
+       (≤ ``max_halvings``), or the line-search step of Alg 2 on all p coordinates,
+       whichever is lower; if f decreases, A ← A ∪ supp(w') and go to 2 (≤ ``max_rounds``).
     4. If that step fails, local search: the best single swap (one kept weight out,
        one pruned weight in, the new weight set optimally, among the
        ``swap_candidates`` smallest kept and largest-gradient pruned coordinates);
@@ -50,7 +51,8 @@ def active_set(problem: Problem, k: int, *, expand: float = 1.5, max_rounds: int
         f = trace[-1]
         if len(idx) == p:
             break  # the active set is everything: nothing left to bring in
-        # try to enlarge the active set with a full-space IHT step
+        # try to enlarge the active set with a full-space IHT step: τ = 2/L_A, halved until f
+        # decreases, and the line-search step of Alg 2 on the full problem; the better one wins
         r = problem.residual(w)
         g = problem.gradient(w, r)
         tau = 2.0 / sub.lipschitz()
@@ -64,6 +66,9 @@ def active_set(problem: Problem, k: int, *, expand: float = 1.5, max_rounds: int
                 accepted = (w_new, mask, f_new)
                 break
             tau /= 2.0
+        w_ls, mask_ls, _, f_ls = line_search_step(problem, w, r, f, k, tol)
+        if f_ls < f - tol * abs(f) and (accepted is None or f_ls < accepted[2]):
+            accepted = (w_ls, w_ls != 0, f_ls)
         if accepted is None and swap_candidates > 0:
             accepted = _best_swap(problem, w, r, g, f, swap_candidates, tol)
         if accepted is None:

@@ -11,8 +11,9 @@ import torch
 
 from .problem import Problem
 
-# When more than this fraction of coordinates changes, a dense matvec beats a gather.
-_DENSE_UPDATE_FRACTION = 0.25
+# When more than this fraction of coordinates changes, one dense matvec beats a column gather
+# (gathering columns of a row-major X reads scattered memory).
+_DENSE_UPDATE_FRACTION = 0.02
 
 
 def hard_threshold(v: torch.Tensor, k: int) -> torch.Tensor:
@@ -48,14 +49,11 @@ def _step_to_keep_support(w, g, support):
     For i in S, |w_i − τ g_i| stays ≥ τ·max_{j∉S}|g_j| until
     τ_i = |w_i| / (sign(w_i)·g_i + M); τ_c is the smallest such τ_i.
     """
-    outside = ~support
-    M = g[outside].abs().max() if bool(outside.any()) else g.new_zeros(())
-    ws, gs = w[support], g[support]
-    denom = torch.sign(ws) * gs + M
-    pos = denom > 0
-    if not bool(pos.any()):
-        return float("inf")
-    return float((ws[pos].abs() / denom[pos]).min())
+    M = torch.where(support, torch.zeros_like(g), g.abs()).max()
+    denom = torch.sign(w) * g + M
+    ok = support & (denom > 0)
+    ratios = torch.where(ok, w.abs() / torch.where(ok, denom, torch.ones_like(denom)), torch.full_like(w, float("inf")))
+    return float(ratios.min())
 
 
 def _threshold_step(problem: Problem, w, r, g, Xd, d, tau, k):
@@ -72,15 +70,19 @@ def _threshold_step(problem: Problem, w, r, g, Xd, d, tau, k):
     return w_new, mask, r_new
 
 
-def _line_search_step(problem: Problem, w, r, f, k, tol):
+def line_search_step(problem: Problem, w, r, f, k, tol, cg=None):
     """One IHT iteration with the step size of Alg 2. Returns (w, support, r, f).
 
     τ* = ‖d_S‖²/(‖X_S d_S‖² + 2λ‖d_S‖²) is the exact minimiser along d = −∇f on the
     support S; τ_c is the largest step that keeps S after thresholding. If τ* ≤ τ_c
-    the step τ* is taken. When it cannot be taken, or when it no longer makes
-    progress (relative decrease < tol, i.e. w is optimal on S), the steps
-    τ_c·2^j, j = 0…5, are tried with thresholding and the best one that lowers f is
-    kept; if none does, the safe step 1/L is tried. f never increases.
+    the support stays and the exact step is taken — along the conjugate direction
+    d + β·d_prev when the previous step kept the same support (``cg``, a dict this
+    function updates; Fletcher–Reeves β), which makes the weights on a stable support
+    converge like conjugate gradients rather than steepest descent, at no extra matvec
+    (X·d_prev is carried). When the support cannot stay, or the step no longer makes
+    progress (relative decrease < tol, i.e. w is optimal on S), the steps τ_c·2^j,
+    j = 0…5, are tried with thresholding, doubling while f decreases; if none lowers
+    f, the safe step 1/L is tried. f never increases.
     """
     support = w != 0
     full_support = int(support.sum()) >= k
@@ -93,21 +95,37 @@ def _line_search_step(problem: Problem, w, r, f, k, tol):
 
     best = (w, support, r, f)
     if full_support and 0.0 < tau_star <= tau_c:
-        # exact minimiser along d with the support unchanged: no thresholding needed
-        w_new = w + tau_star * d
-        r_new = r - tau_star * Xd
+        # the support stays: exact minimiser along d (or its conjugate), no thresholding needed
+        step, Xstep, tau = d, Xd, tau_star
+        if cg is not None and cg.get("dd"):
+            beta = dd / cg["dd"]
+            step_cg = d + beta * cg["d"]
+            Xstep_cg = Xd + beta * cg["Xd"]
+            slope = -float(torch.dot(g, step_cg))  # −gᵀd_cg > 0 for a descent direction
+            curv = float(torch.dot(Xstep_cg, Xstep_cg)) + 2.0 * problem.lam * float(torch.dot(step_cg, step_cg))
+            if slope > 0 and curv > 0:
+                step, Xstep, tau = step_cg, Xstep_cg, slope / curv
+        w_new = w + tau * step
+        r_new = r - tau * Xstep
         best = (w_new, support, r_new, problem.objective(w_new, r_new))
+        if cg is not None:
+            cg.update(d=step, Xd=Xstep, dd=dd)
         if f - best[3] > tol * abs(f):
             return best
+    if cg is not None:
+        cg.clear()  # the support may change: restart the conjugate directions
 
-    # explore support changes: τ_c·2^j (τ* when w has fewer than k nonzeros)
+    # explore support changes: τ_c, 2τ_c, … (τ* when w has fewer than k nonzeros) while f decreases
     tau = tau_c if tau_c > 0 else tau_star
+    improved = False
     if 0.0 < tau < float("inf"):
-        for _ in range(6):
+        for _ in range(6):  # the start and ≤ 5 doublings
             cand = _threshold_step(problem, w, r, g, Xd, d, tau, k)
             f_c = problem.objective(cand[0], cand[2])
             if f_c < best[3]:
-                best = (*cand, f_c)
+                best, improved = (*cand, f_c), True
+            elif improved:
+                break  # past the best step along this path
             tau *= 2.0
     if best[3] < f:
         return best
@@ -117,7 +135,7 @@ def _line_search_step(problem: Problem, w, r, f, k, tol):
     return (w_new, mask, r_new, f_new) if f_new < f else best
 
 
-def _fixed_step(problem: Problem, w, r, f, k, tol):
+def fixed_step(problem: Problem, w, r, f, k, tol, cg=None):
     """One IHT iteration with the fixed step 1/L (Alg 3 without line search)."""
     g = problem.gradient(w, r)
     u = w - g / problem.lipschitz()
@@ -142,10 +160,11 @@ def iht(problem: Problem, k: int, w0: torch.Tensor | None = None, *, line_search
     r = problem.residual(w)
     f = problem.objective(w, r)
     trace = [f]
-    step = _line_search_step if line_search else _fixed_step
+    step = line_search_step if line_search else fixed_step
+    cg = {}
     it = 0
     for it in range(1, max_iter + 1):
-        w, support, r, f_new = step(problem, w, r, f, k, tol)
+        w, support, r, f_new = step(problem, w, r, f, k, tol, cg)
         trace.append(f_new)
         converged = abs(f - f_new) <= tol * max(abs(f), 1e-30)
         f = f_new

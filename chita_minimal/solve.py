@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .active_set import active_set
-from .backsolve import backsolve
+from .backsolve import backsolve, first_step_support
 from .blocks import block_backsolve
 from .iht import iht
 from .problem import Problem, check_k
@@ -77,8 +77,6 @@ def solve(X: torch.Tensor, w_bar: torch.Tensor, k: int, *, l2: float = 0.0, alph
         raise ValueError("method='block' needs blocks (a block size or a partition)")
     if method != "block" and blocks is not None:
         raise ValueError(f"blocks is only used by method='block', got method={method!r}")
-    if idx is not None and method == "block":
-        raise ValueError("mask is not supported with method='block'; fix pruned weights at 0 in w_bar instead")
 
     _sync(X)
     t0 = time.perf_counter()
@@ -91,6 +89,11 @@ def solve(X: torch.Tensor, w_bar: torch.Tensor, k: int, *, l2: float = 0.0, alph
         w, support = backsolve(problem, k, **options)
         trace, iterations = [problem.objective(w)], 1
     else:
+        if idx is not None:  # blocks index the full vector: choose the support on the allowed coordinates
+            support = torch.zeros(full.p, dtype=torch.bool, device=X.device)
+            support[idx] = first_step_support(problem, k)
+            problem, idx = full, None
+            options = {"support": support, **options}
         w, support = block_backsolve(problem, k, blocks, **options)
         trace, iterations = [problem.objective(w)], 1
     _sync(X)

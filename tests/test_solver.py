@@ -64,8 +64,8 @@ def test_hard_threshold_ties_are_deterministic():
 
 @pytest.mark.parametrize("correlation,floor", [(0.0, 0.8), (0.5, 0.65)])
 def test_active_set_reaches_brute_force_optimum_on_most_instances(correlation, floor):
-    """Measured: 33/40 (82 %) with independent columns, 28/40 (70 %) with correlated ones;
-    line-search IHT alone reaches 20/40 and 6/40, backsolve 19/40 and 15/40."""
+    """Measured (40 instances each, p = 10…16): active set 33/40 with independent columns and
+    28/40 with correlated ones; line-search IHT alone 22/40 and 12/40; backsolve 19/40 and 15/40."""
     hits = 0
     for seed in range(40):
         p = 10 + seed % 7  # p in 10..16

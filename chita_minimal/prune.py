@@ -1,0 +1,189 @@
+"""``prune``: one call from a trained model to a pruned one, with CHITA or a baseline.
+
+model ──► fisher.gradients ──► X (n×p) ──► solve / baseline ──► write back ──► PruneReport
+
+CHITA++ (the paper's Alg 1) repeats this for a schedule of sparsities, recomputing X at
+the current (already pruned) weights every stage and keeping pruned weights at zero.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import baselines, fisher, params
+from .blocks import make_blocks
+from .problem import Problem, num_kept
+from .schedules import schedule as make_schedule
+from .solve import solve
+
+CHITA_METHODS = {"chita": "active", "chita-iht": "iht", "chita-bso": "backsolve", "chita-block": "block"}
+BASELINE_METHODS = ("mp", "wf", "mfac", "cbs")
+PRUNE_METHODS = (*CHITA_METHODS, "chita++", *BASELINE_METHODS)
+
+
+@dataclass
+class PruneReport:
+    """What :func:`prune` did.
+
+    sparsity: requested; achieved_sparsity: measured on the prunable weights;
+    layer_sparsity: per prunable parameter; objective: f(w) of problem (P) at the last
+    stage (None for magnitude pruning, which builds no X); seconds: time per phase
+    ("gradients", "solve", "total"); masks: bool tensors (True = kept) per parameter,
+    ready for :class:`chita_minimal.params.MaskKeeper`; stages: one dict per CHITA++ stage.
+    """
+
+    method: str
+    sparsity: float
+    achieved_sparsity: float
+    k: int
+    p: int
+    layer_sparsity: dict[str, float]
+    objective: float | None
+    seconds: dict[str, float]
+    masks: dict[str, torch.Tensor] = field(repr=False)
+    l2: float = 0.0
+    n_grads: int = 0
+    batch_size: int = 1
+    seed: int = 0
+    stages: list[dict] = field(default_factory=list, repr=False)
+
+
+def _check_sparsity(sparsity) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"sparsity must be a number in [0, 1), got {type(sparsity).__name__}")
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
+    return float(sparsity)
+
+
+def _solve_stage(method, X, w_bar, k, l2, alpha, mask, options):
+    """One pruning step on the flat weights: returns (w, support, objective or None)."""
+    if method in CHITA_METHODS:
+        res = solve(X, w_bar, k, l2=l2, alpha=alpha, method=CHITA_METHODS[method], mask=mask, **options)
+        return res.w, res.support, res.objective
+    if method == "mp":
+        out = baselines.magnitude(w_bar, k)
+        return out.w, out.support, None
+    if l2 <= 0:
+        raise ValueError(f"method {method!r} needs l2 > 0 (it damps the Fisher F = XᵀX/n + l2·I)")
+    fn = {"wf": baselines.woodfisher, "mfac": baselines.mfac, "cbs": baselines.cbs}[method]
+    out = fn(X, w_bar, k, l2=l2, **options)
+    return out.w, out.support, Problem(X, w_bar, l2, alpha).objective(out.w)
+
+
+def prune(model: nn.Module, dataset, sparsity: float, method: str = "chita", *, n_grads: int = 1000,
+          batch_size: int = 1, l2: float = 1e-3, seed: int = 0, param_names=None, device=None,
+          first_order: bool = False, schedule: str = "exp", stages: int = 10, base: float = 0.1,
+          stage_method: str = "chita", block_size: int = 500, progress: bool = False,
+          **options) -> PruneReport:
+    """Prune ``model`` in place to ``sparsity`` with CHITA or a baseline; returns a :class:`PruneReport`.
+
+    Args:
+        model: a trained network; its Conv/Linear weights (or ``params_names``) are pruned.
+        dataset: (x, y) samples used for the n gradient rows of the empirical Fisher.
+        sparsity: fraction of the prunable weights set to zero, in [0, 1).
+        method: "chita" (active-set IHT, Alg 4), "chita-iht" (line-search IHT, Alg 2/3),
+            "chita-bso" (backsolve, Alg 5), "chita-block" (block backsolve, Alg 6, blocks of
+            ``block_size``), "chita++" (multi-stage, Alg 1: ``schedule``, ``stages``, ``base``,
+            each stage solved with ``stage_method``), or the baselines "mp" (magnitude),
+            "wf" (WoodFisher), "mfac" (M-FAC), "cbs" (Combinatorial Brain Surgeon).
+        n_grads, batch_size: rows of X and samples per row (mini-batch size m).
+        l2: ridge weight of (P) (λ = l2·n/2); the damping of the baselines' Fisher.
+        seed: seed of the gradient sample (stage t of CHITA++ uses seed + t).
+        first_order: include the first-order term α = Σ_i X_i (n times the mean gradient).
+        device: where gradients and the solve run (default: the model's device).
+        options: passed to the solver or baseline (e.g. ``block_size`` for "wf"/"cbs").
+
+    The model is changed only when every step succeeded; on error it is left untouched.
+    """
+    if method not in PRUNE_METHODS:
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(PRUNE_METHODS)}")
+    if method == "chita++" and stage_method not in (*CHITA_METHODS, *BASELINE_METHODS):
+        raise ValueError(f"unknown stage_method {stage_method!r}; valid: {', '.join((*CHITA_METHODS, *BASELINE_METHODS))}")
+    sparsity = _check_sparsity(sparsity)
+    if isinstance(n_grads, bool) or not isinstance(n_grads, int) or n_grads < 1:
+        raise ValueError(f"n_grads must be an int >= 1, got {n_grads!r}")
+    if isinstance(l2, bool) or not isinstance(l2, (int, float)) or l2 < 0:
+        raise ValueError(f"l2 must be a number >= 0, got {l2!r}")
+    try:
+        size = len(dataset)
+    except TypeError:
+        raise TypeError("dataset must be a sized, indexable dataset of (x, y) pairs") from None
+    needs_grads = method != "mp" and not (method == "chita++" and stage_method == "mp")
+    if needs_grads and size < n_grads * batch_size:
+        raise ValueError(f"dataset has {size} samples but n_grads·batch_size = {n_grads}·{batch_size} = "
+                         f"{n_grads * batch_size} are needed")
+    names = params.resolve(model, param_names)
+    lay = params.layout(model, names)
+    original = params.flatten(model, lay)
+    if not torch.isfinite(original).all():
+        bad = [nm for nm, v in params.split(lay, original).items() if not torch.isfinite(v).all()]
+        raise ValueError(f"prunable weights contain NaN/Inf in: {', '.join(bad)}")
+    dev = torch.device(device) if device is not None else original.device
+    p = lay.p
+    k_final = num_kept(sparsity, p)
+
+    if method == "chita++":
+        plan = [(s, stage_method) for s in make_schedule(schedule, sparsity, stages, base)]
+    else:
+        plan = [(sparsity, method)]
+    stage_options = dict(options)
+    if (method == "chita-block" or (method == "chita++" and stage_method == "chita-block")):
+        stage_options["blocks"] = _layer_blocks(lay, block_size)
+
+    t_total = time.perf_counter()
+    seconds = {"gradients": 0.0, "solve": 0.0}
+    stage_log = []
+    w = original.to(dev)
+    mask = None
+    objective = None
+    try:
+        for t, (s_t, m_t) in enumerate(plan):
+            k_t = num_kept(s_t, p)
+            if mask is not None:
+                k_t = min(k_t, int(mask.sum()))
+            X, alpha = None, None
+            if m_t != "mp":
+                t0 = time.perf_counter()
+                if t > 0:
+                    params.write_back(model, lay, w.to(original.device))  # gradients at the masked weights
+                sample = fisher.gradients(model, dataset, n_grads, batch_size=batch_size, params=names,
+                                          device=dev, seed=seed + t, progress=progress)
+                X = sample.X
+                if first_order:
+                    alpha = sample.mean_grad * sample.n
+                seconds["gradients"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            stage_mask = mask if m_t in CHITA_METHODS else None
+            w_new, support, objective = _solve_stage(m_t, X, w, k_t, l2, alpha, stage_mask, stage_options)
+            seconds["solve"] += time.perf_counter() - t0
+            if mask is not None and bool((support & ~mask).any()):
+                # a stage solver without a mask argument revived pruned weights: keep them pruned
+                raise RuntimeError(f"stage {t} ({m_t}) revived pruned weights")
+            w, mask = w_new, support
+            stage_log.append(dict(stage=t, sparsity=s_t, k=k_t, method=m_t, objective=objective,
+                                  seconds=time.perf_counter() - t0))
+        if not torch.isfinite(w).all():
+            raise ValueError(f"method {method!r} produced non-finite weights (try a larger l2)")
+        params.write_back(model, lay, w.to(original.device))
+    except BaseException:
+        params.write_back(model, lay, original)  # leave the model as it was
+        raise
+    seconds["total"] = time.perf_counter() - t_total
+    w_cpu = w.detach().cpu()
+    return PruneReport(method=method, sparsity=sparsity, achieved_sparsity=1.0 - int((w_cpu != 0).sum()) / p,
+                       k=k_final, p=p, layer_sparsity=params.per_layer_sparsity(lay, w_cpu), objective=objective,
+                       seconds=seconds, masks=params.masks_from(lay, mask.cpu()), l2=float(l2), n_grads=n_grads,
+                       batch_size=batch_size, seed=seed, stages=stage_log)
+
+
+def _layer_blocks(lay: params.Layout, block_size: int) -> list[torch.Tensor]:
+    """Blocks of about ``block_size`` contiguous weights that never straddle two layers (Alg 6)."""
+    out = []
+    for offset, numel in zip(lay.offsets, lay.numels):
+        out.extend(b + offset for b in make_blocks(numel, block_size))
+    return out
