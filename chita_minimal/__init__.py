@@ -1,7 +1,20 @@
-"""chita_minimal: CHITA one-shot pruning (Benbaki et al., ICML 2023) in compact torch code."""
+"""chita_minimal: CHITA one-shot pruning (Benbaki et al., ICML 2023) in compact torch code.
 
+Five lines from a trained model to a pruned one::
+
+    import chita_minimal as cm
+    model = cm.models.load_pretrained("mlpnet")
+    report = cm.prune(model, cm.data.load("mnist", "train"), sparsity=0.9)
+    print(cm.evaluate(model, cm.data.load("mnist", "test")))
+"""
+
+from . import baselines, data, fisher, models, params
+from .evaluate import evaluate, recalibrate_bn
+from .fisher import gradients
 from .iht import hard_threshold
+from .params import MaskKeeper
 from .problem import Problem, num_kept
+from .prune import PRUNE_METHODS, PruneReport, prune
 from .schedules import SCHEDULES, schedule
 from .solve import METHODS, SolveResult, solve
 from .utils import device, seed_everything

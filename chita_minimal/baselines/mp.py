@@ -1,0 +1,87 @@
+"""Magnitude pruning (MP): keep the k weights of largest |w̄_q|.
+
+This module also holds what the four baselines share: the result type
+:class:`Pruned` and the input checks. Every baseline returns a ``Pruned(w, support)``:
+
+    w        (p,)  pruned weights; w[~support] is exactly 0.0
+    support  (p,)  bool, exactly k True entries: the kept weights
+
+``support`` is explicit because a kept weight may be 0 (w̄ with fewer than k
+nonzeros, or an OBS update that happens to land on 0); ``int(w.ne(0).sum())`` is
+then < k, but ``support`` still says which k coordinates were kept.
+``w, support = magnitude(w_bar, k)`` unpacks it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from ..iht import hard_threshold
+from ..problem import check_k
+
+
+class Pruned(NamedTuple):
+    """Result of a baseline: pruned weights ``w`` (p,) and the kept ``support`` (p,) bool."""
+
+    w: torch.Tensor
+    support: torch.Tensor
+
+
+# -- input checks shared by the baselines ---------------------------------------------------
+def _check_vector(name: str, t, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float32/float64), got dtype {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
+
+
+def _check_positive(name: str, value, *, integer: bool, minimum: float = 0.0, strict: bool = True):
+    """A finite number (int when ``integer``) that is > minimum (strict) or ≥ minimum."""
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        kind = "an int" if integer else "a number"
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
+    bad = not math.isfinite(value) or (value <= minimum if strict else value < minimum)
+    if bad:
+        rel = ">" if strict else ">="
+        raise ValueError(f"{name} must be {rel} {minimum:g}, got {value}")
+    return value
+
+
+def _check_inputs(X, w_bar, k, l2) -> None:
+    """Checks for the Fisher-based baselines: X (n, p) and w_bar (p,) float, same dtype/device."""
+    _check_vector("X", X, 2)
+    _check_vector("w_bar", w_bar, 1)
+    if w_bar.shape[0] != X.shape[1]:
+        raise ValueError(f"w_bar has {w_bar.shape[0]} entries but X has p = {X.shape[1]} columns")
+    if w_bar.dtype != X.dtype or w_bar.device != X.device:
+        raise TypeError(f"w_bar ({w_bar.dtype}, {w_bar.device}) must match X ({X.dtype}, {X.device})")
+    check_k(k, X.shape[1])
+    _check_positive("l2", l2, integer=False)
+
+
+def _finish(w: torch.Tensor, support: torch.Tensor) -> Pruned:
+    """Zero the pruned coordinates exactly and pack the result."""
+    return Pruned(torch.where(support, w, torch.zeros_like(w)), support)
+
+
+# -- the method -----------------------------------------------------------------------------
+def magnitude(w_bar: torch.Tensor, k: int) -> Pruned:
+    """Global magnitude pruning: support = H_k(w̄), the k largest |w̄_q| (ties: lower index wins).
+
+    Args:
+        w_bar: (p,) dense weights, float32/float64, any device.
+        k: number of weights kept, 1 ≤ k ≤ p.
+    Returns:
+        ``Pruned(w, support)`` with w = w̄ on the support and exactly 0 elsewhere.
+    """
+    _check_vector("w_bar", w_bar, 1)
+    check_k(k, w_bar.numel())
+    return _finish(w_bar, hard_threshold(w_bar, k))

@@ -1,0 +1,304 @@
+"""The gradient matrix X of CHITA's empirical Fisher (Benbaki et al. 2023, §2).
+
+    H ≈ (1/n) Xᵀ X,   X ∈ R^{n×p},  row i = ∇_w (mean loss over mini-batch i)
+
+Rows are computed with ``torch.func``: ``functional_call`` runs the model with the
+prunable weights as explicit inputs, ``grad`` differentiates the mean loss of one
+mini-batch w.r.t. them, and ``vmap`` maps that over many mini-batches at once.
+Rows are produced in chunks written into a preallocated X, so memory stays at
+n·p plus one chunk. :func:`gradients_loop` computes the same X with one backward
+pass per row; it is the reference for tests and the benchmark.
+
+    sample = gradients(model, train_set, n=1000)        # FisherSample
+    sample.X          # (n, p) one gradient per row
+    sample.mean_grad  # (p,)   α, the optional first-order term of (P)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.utils.data import TensorDataset
+from tqdm import tqdm
+
+from .params import Layout, layout
+
+CHUNK_BYTES = 256 * 2**20  # default chunk: about this many bytes of gradients
+
+
+@dataclass
+class FisherSample:
+    """n gradients of the loss at the current weights (the data of problem (P)).
+
+    Attributes:
+        X: (n, p) row i = gradient of the mean loss over mini-batch i.
+        mean_grad: (p,) mean of the rows of X (the first-order term α).
+        layout: which parameters the p columns belong to (see ``params.Layout``).
+        indices: (n, batch_size) dataset indices of the samples of each mini-batch.
+        seconds: wall-clock time taken to build X.
+    """
+
+    X: torch.Tensor = field(repr=False)
+    mean_grad: torch.Tensor = field(repr=False)
+    layout: Layout = field(repr=False)
+    indices: torch.Tensor = field(repr=False)
+    seconds: float
+
+    @property
+    def n(self) -> int:
+        return self.X.shape[0]
+
+    @property
+    def p(self) -> int:
+        return self.X.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.indices.shape[1]
+
+    def __repr__(self) -> str:
+        return (f"FisherSample(n={self.n}, p={self.p}, batch_size={self.batch_size}, "
+                f"dtype={self.X.dtype}, device={self.X.device}, seconds={self.seconds:.2f})")
+
+
+# -----------------------------------------------------------------------------
+# public API
+
+
+def gradients(model: nn.Module, dataset, n: int, *, batch_size: int = 1, params=None, device=None,
+              seed: int = 0, chunk_size: int | None = None, loss_fn=None,
+              progress: bool = True) -> FisherSample:
+    """Build X (n×p) with ``torch.func`` (``vmap`` of ``grad`` of ``functional_call``).
+
+    Args:
+        model: the network; its prunable weights are differentiated, every other
+            parameter and all buffers are held constant.
+        dataset: a ``TensorDataset(inputs, labels)`` or any indexable dataset
+            returning ``(x, y)`` pairs. n·batch_size distinct samples are drawn
+            without replacement by a permutation seeded with ``seed``.
+        n: number of rows (mini-batches).
+        batch_size: samples per mini-batch; row i is the gradient of the mean loss
+            over its batch_size samples (1: per-sample gradients).
+        params: parameter names to differentiate (see ``params.resolve``); None
+            means every Conv/Linear weight.
+        device: where to compute and store X; default the model's device. The
+            model is moved there temporarily if needed and moved back afterwards.
+        seed: seed of the sample permutation (results are deterministic).
+        chunk_size: mini-batches per vmap call; default so that a chunk's
+            gradients take about 256 MiB. It changes memory use, not the result.
+        loss_fn: ``loss_fn(output, target) -> scalar``, the mean loss of one
+            mini-batch; default cross-entropy on the model's output (logits).
+        progress: show a tqdm progress bar.
+
+    The model is put in eval mode during the computation (each module's mode is
+    restored afterwards): per-sample gradients are not defined when BatchNorm
+    normalises with batch statistics, because then every sample's output depends
+    on the other samples of the batch; with running statistics each row depends
+    only on its own mini-batch. Dropout is off too. Floating-point inputs are cast
+    to the parameters' dtype. A model vmap cannot trace (data-dependent control
+    flow, ``.item()``) needs :func:`gradients_loop` instead.
+
+    Raises ValueError on bad sizes, NaN/Inf parameters, or NaN/Inf gradients
+    (naming the parameters concerned).
+    """
+    return _sample(model, dataset, n, batch_size, params, device, seed, chunk_size, loss_fn,
+                   progress, _vmap_rows, "gradients (vmap)")
+
+
+def gradients_loop(model: nn.Module, dataset, n: int, *, batch_size: int = 1, params=None,
+                   device=None, seed: int = 0, chunk_size: int | None = None, loss_fn=None,
+                   progress: bool = True) -> FisherSample:
+    """Same X as :func:`gradients`, one plain backward pass per row.
+
+    Same arguments and result (same samples for the same seed). Rows are taken with
+    ``torch.autograd.grad``, so the model's ``.grad`` fields are left untouched;
+    ``chunk_size`` only sets how many mini-batches are loaded at a time. Slow but
+    simple: the reference implementation for tests and benchmarks.
+    """
+    return _sample(model, dataset, n, batch_size, params, device, seed, chunk_size, loss_fn,
+                   progress, _loop_rows, "gradients (loop)")
+
+
+# -----------------------------------------------------------------------------
+# the two ways to fill a chunk of rows: inputs (c, bs, ...), targets (c, bs) -> out (c, p)
+
+
+def _vmap_rows(model: nn.Module, lay: Layout, loss_fn):
+    prms = dict(model.named_parameters())
+    train = {name: prms[name].detach() for name in lay.names}
+    const = {name: t.detach() for name, t in prms.items() if name not in train}
+    const.update(dict(model.named_buffers()))
+
+    def batch_loss(train, x, y):  # x: (bs, ...), y: (bs,) -> scalar mean loss
+        return loss_fn(functional_call(model, (train, const), (x,)), y)
+
+    per_batch = vmap(grad(batch_loss), in_dims=(None, 0, 0))
+
+    def rows(x, y, out):
+        grads = per_batch(train, x, y)  # {name: (c, *shape)}
+        for name, o, k in zip(lay.names, lay.offsets, lay.numels):
+            out[:, o:o + k] = grads[name].reshape(-1, k)
+
+    return rows
+
+
+def _loop_rows(model: nn.Module, lay: Layout, loss_fn):
+    prms = dict(model.named_parameters())
+    ts = [prms[name] for name in lay.names]
+
+    def rows(x, y, out):
+        flags = [t.requires_grad for t in ts]
+        try:
+            for t in ts:
+                t.requires_grad_(True)
+            with torch.enable_grad():
+                for i in range(x.shape[0]):
+                    gs = torch.autograd.grad(loss_fn(model(x[i]), y[i]), ts)
+                    for g, o, k in zip(gs, lay.offsets, lay.numels):
+                        out[i, o:o + k] = g.reshape(k)
+        finally:
+            for t, flag in zip(ts, flags):
+                t.requires_grad_(flag)
+
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# shared driver
+
+
+def _sample(model, dataset, n, batch_size, params, device, seed, chunk_size, loss_fn, progress,
+            make_rows, desc) -> FisherSample:
+    t0 = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_int("n", n, 1)
+    _check_int("batch_size", batch_size, 1)
+    _check_int("seed", seed, None)
+    if chunk_size is not None:
+        _check_int("chunk_size", chunk_size, 1)
+    if loss_fn is None:
+        loss_fn = F.cross_entropy
+    elif not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if device is not None and not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        raise TypeError(f"dataset must be indexable with a length (e.g. a TensorDataset), "
+                        f"got {type(dataset).__name__}")
+    need = n * batch_size
+    if len(dataset) < need:
+        raise ValueError(f"dataset has {len(dataset)} samples but n·batch_size = {n}·{batch_size} "
+                         f"= {need} distinct samples are needed")
+
+    lay = layout(model, params)
+    prms = dict(model.named_parameters())
+    dtypes = {prms[name].dtype for name in lay.names}
+    if len(dtypes) > 1:
+        raise ValueError(f"the selected parameters must share one dtype, got {sorted(map(str, dtypes))}")
+    dtype = dtypes.pop()
+    _check_finite_model(model)
+
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.randperm(len(dataset), generator=g)[:need].view(n, batch_size)  # (n, bs)
+    if chunk_size is None:
+        row_bytes = lay.p * torch.empty((), dtype=dtype).element_size()
+        chunk_size = max(1, CHUNK_BYTES // row_bytes)
+    chunk_size = min(chunk_size, n)
+
+    with _prepared(model, device) as dev:
+        rows = make_rows(model, lay, loss_fn)
+        X = torch.empty(n, lay.p, dtype=dtype, device=dev)  # (n, p)
+        with tqdm(total=n, desc=desc, unit="row", disable=not progress) as bar:
+            for r0 in range(0, n, chunk_size):
+                r1 = min(n, r0 + chunk_size)
+                x, y = _load(dataset, indices[r0:r1], dev, dtype)  # (c, bs, ...), (c, bs)
+                rows(x, y, X[r0:r1])
+                bad = [name for name, o, k in zip(lay.names, lay.offsets, lay.numels)
+                       if not _all_finite(X[r0:r1, o:o + k])]
+                if bad:
+                    raise ValueError(f"non-finite (NaN/Inf) gradients in parameter(s) {bad} "
+                                     f"for rows {r0}..{r1 - 1}")
+                bar.update(r1 - r0)
+        mean_grad = X.mean(0)  # (p,)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    return FisherSample(X, mean_grad, lay, indices, time.perf_counter() - t0)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """True iff every entry of ``t`` is finite, without a full-size temporary when it is."""
+    # a sum is non-finite whenever an entry is (NaN propagates, Inf + -Inf = NaN);
+    # only then (or on overflow) run the exact, memory-hungry check
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def _check_int(name: str, v, lo) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if lo is not None and v < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {v}")
+
+
+def _check_finite_model(model: nn.Module) -> None:
+    bad = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+           if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"model parameter(s)/buffer(s) {bad} contain NaN/Inf values; "
+                         "their gradients would not be finite")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    devs = {t.device for t in itertools.chain(model.parameters(), model.buffers())}
+    if len(devs) > 1:
+        raise ValueError(f"model spans several devices {sorted(map(str, devs))}; "
+                         "put it on one device first")
+    return devs.pop() if devs else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _prepared(model: nn.Module, device):
+    """Model in eval mode on ``device`` inside the block; modes and device restored after."""
+    home = _model_device(model)
+    dev = home if device is None else torch.device(device)
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        if dev != home:
+            model.to(dev)
+        yield dev
+    finally:
+        if dev != home:
+            model.to(home)
+        for m, mode in modes:
+            m.training = mode
+
+
+def _load(dataset, idx: torch.Tensor, dev: torch.device, dtype: torch.dtype):
+    """The samples ``idx`` (c, bs) as inputs (c, bs, ...) and targets (c, bs, ...) on ``dev``."""
+    c, bs = idx.shape
+    flat = idx.reshape(-1)
+    if isinstance(dataset, TensorDataset):
+        if len(dataset.tensors) != 2:
+            raise ValueError(f"TensorDataset must hold exactly 2 tensors (inputs, labels), "
+                             f"got {len(dataset.tensors)}")
+        xs, ys = dataset.tensors
+        x, y = xs[flat.to(xs.device)], ys[flat.to(ys.device)]
+    else:
+        items = [dataset[int(i)] for i in flat]
+        for it in items:
+            if not isinstance(it, (tuple, list)) or len(it) != 2:
+                raise ValueError(f"dataset items must be (x, y) pairs, got {type(it).__name__}"
+                                 + (f" of length {len(it)}" if isinstance(it, (tuple, list)) else ""))
+        x = torch.stack([torch.as_tensor(a) for a, _ in items])
+        y = torch.stack([torch.as_tensor(b) for _, b in items])
+    x = x.to(dev, dtype=dtype) if x.is_floating_point() else x.to(dev)
+    y = y.to(dev)
+    return x.reshape(c, bs, *x.shape[1:]), y.reshape(c, bs, *y.shape[1:])

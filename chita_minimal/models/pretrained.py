@@ -1,0 +1,170 @@
+"""Pretrained dense networks of the CHITA paper: names → files, hashes, URLs.
+
+    model = load_pretrained("mlpnet")     # MLPNet on MNIST, 93.97 % test accuracy
+    model = load_pretrained("resnet20")   # ResNet20 on CIFAR-10, 91.43 % with data.load's default normalisation
+
+Where the checkpoint comes from (first match wins):
+
+1. the ``root`` argument, if given (only that folder, then a download if allowed);
+2. else ``$CHITA_CHECKPOINT_DIR``;
+3. else ``<repo root>/../shared/checkpoints`` (the offline copies next to this repository), if it exists;
+4. else files downloaded earlier into ``pooch.os_cache("chita_minimal")/checkpoints``;
+5. else a download of the authors' file (github.com/mazumder-lab/CHITA, ``checkpoints/``),
+   unless ``download=False`` or ``CHITA_NO_DOWNLOAD=1``.
+
+Every file is SHA256-checked before ``torch.load(..., weights_only=True)``; nothing is
+ever unpickled with ``weights_only=False``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .mlpnet import MLPNet
+from .mobilenet import mobilenet_v1
+from .resnet50 import resnet50
+from .resnet_cifar import resnet20
+
+# Names load_pretrained accepts, and the data set each was trained on.
+MODEL_NAMES = ("mlpnet", "resnet20")
+DATASETS = {"mlpnet": "mnist", "resnet20": "cifar10"}
+
+# Every architecture of the package: name → constructor, and the input shape (C, H, W) it expects.
+ARCHITECTURES = {"mlpnet": MLPNet, "resnet20": resnet20, "mobilenet_v1": mobilenet_v1, "resnet50": resnet50}
+INPUT_SHAPES = {
+    "mlpnet": (1, 28, 28),
+    "resnet20": (3, 32, 32),
+    "mobilenet_v1": (3, 224, 224),
+    "resnet50": (3, 224, 224),
+}
+
+_URL = "https://github.com/mazumder-lab/CHITA/raw/main/checkpoints/"
+_SHA256 = {
+    # derived here: plain state dict of the original's fcN._layer.weight tensors (no public URL)
+    "mlpnet_mnist_state_dict.pt": "48ca50819ef565bc51f20067bfcca414e8e878be4c4f2dab28cae770374f05f6",
+    "mnist_25_epoch_93.97.ckpt": "56083559fe28b22bf9fac71134322d7c4fe55ea5f7d6eba30b4c300783900f12",
+    "resnet20_cifar10.pth.tar": "e08b9b71ee33c3abad25588ed63999501673c02f7809364e27d965399e58bf8b",
+}
+_LOCAL_FILES = {  # name → files usable from a local folder, preferred first
+    "mlpnet": ("mlpnet_mnist_state_dict.pt", "mnist_25_epoch_93.97.ckpt"),
+    "resnet20": ("resnet20_cifar10.pth.tar",),
+}
+_DOWNLOAD_FILE = {"mlpnet": "mnist_25_epoch_93.97.ckpt", "resnet20": "resnet20_cifar10.pth.tar"}
+
+
+@functools.lru_cache(maxsize=None)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    # size and mtime in the cache key: a file changed on disk is hashed again.
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_file(path: Path) -> None:
+    st = path.stat()
+    sha = _sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
+    expected = _SHA256[path.name]
+    if sha != expected:
+        raise ValueError(
+            f"checkpoint {path} is corrupted, truncated or not the published file: its SHA256 is {sha}, "
+            f"expected {expected}. Delete it and provide a good copy (or let it be downloaded again)."
+        )
+
+
+def _cache_dir() -> Path:
+    import pooch
+
+    return Path(pooch.os_cache("chita_minimal")) / "checkpoints"
+
+
+def _repo_checkpoint_dir() -> Path:
+    # <repo root>/../shared/checkpoints, where repo root is the parent of the package directory.
+    return Path(__file__).resolve().parents[3] / "shared" / "checkpoints"
+
+
+def _find_checkpoint(name: str, root, download: bool) -> Path:
+    """Path of a hash-checked checkpoint file for ``name``, or FileNotFoundError."""
+    if root is not None:
+        folders = [Path(root)]
+    elif os.environ.get("CHITA_CHECKPOINT_DIR"):
+        folders = [Path(os.environ["CHITA_CHECKPOINT_DIR"])]
+    elif _repo_checkpoint_dir().is_dir():
+        folders = [_repo_checkpoint_dir()]
+    else:
+        folders = []
+    if root is None:
+        folders.append(_cache_dir())  # earlier downloads
+
+    for folder in folders:
+        for fname in _LOCAL_FILES[name]:
+            if (folder / fname).is_file():
+                _check_file(folder / fname)
+                return folder / fname
+
+    allowed = bool(download) and os.environ.get("CHITA_NO_DOWNLOAD", "") not in ("1", "true", "yes")
+    if allowed:
+        import pooch
+
+        fname = _DOWNLOAD_FILE[name]
+        path = Path(pooch.retrieve(_URL + fname, known_hash=f"sha256:{_SHA256[fname]}", fname=fname,
+                                   path=_cache_dir(), progressbar=True))
+        _check_file(path)
+        return path
+
+    why = "download=False" if not download else "CHITA_NO_DOWNLOAD is set"
+    raise FileNotFoundError(
+        f"no checkpoint for {name!r} found (looked for {', '.join(_LOCAL_FILES[name])}) in: "
+        f"{'; '.join(str(f) for f in folders)}. Downloading was not tried ({why}). Put the file in a folder "
+        f"and pass root= or set CHITA_CHECKPOINT_DIR, or allow the download "
+        f"(download=True, CHITA_NO_DOWNLOAD unset) of {_URL + _DOWNLOAD_FILE[name]}."
+    )
+
+
+def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The model state dict stored in a (hash-checked) checkpoint file, keys as in this package."""
+    if path.name == "mlpnet_mnist_state_dict.pt":
+        return torch.load(path, map_location="cpu", weights_only=True)
+    if path.name == "mnist_25_epoch_93.97.ckpt":
+        # The original also pickles the optimizer and scheduler *classes* (not instances);
+        # allow exactly those two globals, nothing else.
+        with torch.serialization.safe_globals([torch.optim.SGD, torch.optim.lr_scheduler.ExponentialLR]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        sd = ckpt["model_state_dict"]  # module.fcN._layer.weight, module.fcN._weight_mask (all ones)
+        return {f"fc{i}.weight": sd[f"module.fc{i}._layer.weight"] * sd[f"module.fc{i}._weight_mask"]
+                for i in (1, 2, 3)}
+    if path.name == "resnet20_cifar10.pth.tar":
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return {k.removeprefix("module."): v for k, v in ckpt["state_dict"].items()}
+    raise ValueError(f"unknown checkpoint file {path}")  # pragma: no cover
+
+
+def load_pretrained(name: str, *, root=None, device=None, download: bool = True) -> nn.Module:
+    """A pretrained dense model of the paper, in eval mode.
+
+    Args:
+        name: one of ``MODEL_NAMES`` ("mlpnet": MLPNet on MNIST; "resnet20": ResNet20 on CIFAR-10).
+        root: folder holding the checkpoint file(s); see the module docstring for the
+            lookup order when it is None.
+        device: where to put the model (default CPU).
+        download: whether a download may be tried when no local copy is found
+            (``CHITA_NO_DOWNLOAD=1`` also turns it off).
+
+    Returns:
+        The model with the checkpoint's weights (strictly matched), in eval mode.
+    """
+    if not isinstance(name, str) or name not in MODEL_NAMES:
+        raise ValueError(f"name must be one of {MODEL_NAMES}, got {name!r}")
+    path = _find_checkpoint(name, root, download)
+    model = ARCHITECTURES[name]()
+    model.load_state_dict(_state_dict(path), strict=True)
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
