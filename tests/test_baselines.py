@@ -6,8 +6,6 @@ Dense p×p Fisher matrices appear only here, on tiny p.
 from __future__ import annotations
 
 import itertools
-import os
-import time
 
 import pytest
 import torch
@@ -342,27 +340,3 @@ def test_fp32_gives_the_fp64_support(method):
         w32, s32 = ALL[method](X.float(), w_bar.float(), k)
         assert torch.equal(s32, s64), (method, k)
         torch.testing.assert_close(w32.double(), w64, rtol=1e-4, atol=1e-5)
-
-
-# -- timing (opt-in: CHITA_BENCH=1) --------------------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("CHITA_BENCH"), reason="timing run; set CHITA_BENCH=1")
-def test_timing_mlpnet_size():
-    """Prints the time of each baseline at MLPNet's size: n = 1000, p = 32,360, fp32, k = 0.1p."""
-    torch.manual_seed(0)
-    n, p = 1000, 32360
-    X, w_bar = torch.randn(n, p) * 0.1, torch.randn(p) * 0.05
-    k = round(0.1 * p)
-    runs = {
-        "magnitude": lambda: magnitude(w_bar, k),
-        "woodfisher (B=100)": lambda: woodfisher(X, w_bar, k, l2=1e-3),
-        "woodfisher joint (B=100)": lambda: woodfisher(X, w_bar, k, l2=1e-3, update="joint"),
-        "mfac (1 step)": lambda: mfac(X, w_bar, k, l2=1e-3),
-        "mfac (4 steps)": lambda: mfac(X, w_bar, k, l2=1e-3, steps=4),
-        "cbs (B=100)": lambda: cbs(X, w_bar, k, l2=1e-3),
-    }
-    for name, run in runs.items():
-        t0 = time.perf_counter()
-        w, support = run()
-        print(f"{name:26s} {time.perf_counter() - t0:7.2f} s   kept {int(support.sum())}")
-        assert int(support.sum()) == k

@@ -125,7 +125,6 @@ def _obs_update(Finv: torch.Tensor, w: torch.Tensor, removed: torch.Tensor, upda
 
 def _saliency_support(Finv: torch.Tensor, w_bar: torch.Tensor, k: int) -> torch.Tensor:
     """(p,) bool: the k weights of largest OBS saliency ρ_q = w_q² / (2[F⁻¹]_qq) (ties: lower index)."""
-    nb, B = Finv.shape[:2]
     p = w_bar.numel()
     diag = torch.diagonal(Finv, dim1=1, dim2=2).reshape(-1)[:p]  # (p,)
     rho = w_bar**2 / (2.0 * diag)
