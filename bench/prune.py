@@ -8,12 +8,12 @@ Usage: python bench/prune.py [--device cuda] [--n 1000] [--sparsity 0.9 0.98]
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import torch
 
 import chita_minimal as cm
+from _common import write_table
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["mp", "wf", "cbs", "mfac", "chita", "chita-bso", "chita-block", "chita++"]
@@ -42,15 +42,7 @@ def main():
                        threads=torch.get_num_threads())
             rows.append(row)
             print(" | ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-    out = Path(args.out)
-    if device.type != "cpu":
-        out = out.with_name(out.stem + f"_{device.type}.csv")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {out}")
+    write_table(rows, args.out, device.type)
 
 
 if __name__ == "__main__":

@@ -20,3 +20,7 @@ from .solve import METHODS, SolveResult, solve
 from .utils import device, seed_everything
 
 __version__ = "0.1.0"
+
+__all__ = ["baselines", "data", "fisher", "models", "params", "evaluate", "recalibrate_bn", "gradients",
+           "hard_threshold", "MaskKeeper", "Problem", "num_kept", "PRUNE_METHODS", "PruneReport", "prune",
+           "SCHEDULES", "schedule", "METHODS", "SolveResult", "solve", "device", "seed_everything"]

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
-import os
 import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
+
+from ._files import candidate_folders, download_allowed, file_hash, shared_dir
 
 DATASETS = ("mnist", "cifar10")
 SPLITS = ("train", "test")
@@ -86,22 +86,6 @@ _MD5_ORIGINAL = {
 
 
 # ----------------------------------------------------------------------------- hashing
-
-
-@functools.lru_cache(maxsize=None)
-def _digest(path: str, size: int, mtime_ns: int, algorithm: str) -> str:
-    # size and mtime are part of the cache key so that a file changed on disk is hashed again.
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_hash(path, algorithm: str = "sha256") -> str:
-    """Hex digest of a file (computed once per process for an unchanged file)."""
-    st = os.stat(path)
-    return _digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, algorithm)
 
 
 def _check_file(path: Path, rel: str) -> None:
@@ -184,18 +168,13 @@ def _cifar_arrays(paths: tuple[str, ...], _stamp) -> tuple[np.ndarray, np.ndarra
 
 
 def _repo_data_dir() -> Path:
-    # <repo root>/../shared/data, where repo root is the parent of the package directory.
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    return shared_dir("data")
 
 
 def _cache_dir() -> Path:
     import pooch
 
     return Path(pooch.os_cache("chita_minimal"))
-
-
-def _download_allowed(download: bool) -> bool:
-    return bool(download) and os.environ.get("CHITA_NO_DOWNLOAD", "") not in ("1", "true", "yes")
 
 
 def _download(name: str, split: str) -> Path:
@@ -217,16 +196,7 @@ def _download(name: str, split: str) -> Path:
 def _find_files(name: str, split: str, root, download: bool) -> list[Path]:
     """The verified paths of the files for (name, split), or FileNotFoundError."""
     rels = _MNIST_FILES[split] if name == "mnist" else _CIFAR_FILES[split]
-    if root is not None:
-        folders = [Path(root)]
-    elif os.environ.get("CHITA_DATA_DIR"):
-        folders = [Path(os.environ["CHITA_DATA_DIR"])]
-    elif _repo_data_dir().is_dir():
-        folders = [_repo_data_dir()]
-    else:
-        folders = []
-    if root is None:
-        folders.append(_cache_dir())  # earlier downloads
+    folders = candidate_folders(root, "CHITA_DATA_DIR", _repo_data_dir(), _cache_dir())
 
     tried = []
     for folder in folders:
@@ -238,7 +208,7 @@ def _find_files(name: str, split: str, root, download: bool) -> list[Path]:
             return paths
         tried.append(f"{folder} (missing {', '.join(missing)})")
 
-    if _download_allowed(download):
+    if download_allowed(download):
         folder = _download(name, split)
         paths = [folder / rel for rel in rels]
         for path, rel in zip(paths, rels):

@@ -14,7 +14,7 @@ import math
 import torch
 
 
-def _check_tensor(name: str, t, ndim: int) -> None:
+def check_tensor(name: str, t, ndim: int) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
@@ -58,8 +58,8 @@ class Problem:
     """
 
     def __init__(self, X, w_bar, l2: float = 0.0, alpha=None, *, y=None, offset: float = 0.0):
-        _check_tensor("X", X, 2)
-        _check_tensor("w_bar", w_bar, 1)
+        check_tensor("X", X, 2)
+        check_tensor("w_bar", w_bar, 1)
         n, p = X.shape
         if w_bar.shape[0] != p:
             raise ValueError(f"w_bar has {w_bar.shape[0]} entries but X has p = {p} columns")
@@ -70,7 +70,7 @@ class Problem:
         if not math.isfinite(l2) or l2 < 0:
             raise ValueError(f"l2 must be a finite number >= 0, got {l2}")
         if alpha is not None:
-            _check_tensor("alpha", alpha, 1)
+            check_tensor("alpha", alpha, 1)
             if alpha.shape[0] != p:
                 raise ValueError(f"alpha has {alpha.shape[0]} entries but X has p = {p} columns")
             if alpha.dtype != X.dtype or alpha.device != X.device:

@@ -35,7 +35,8 @@ from __future__ import annotations
 import torch
 
 from ..iht import hard_threshold
-from .mp import Pruned, _check_inputs, _check_positive, _check_vector, _finish
+from ..problem import check_tensor
+from .mp import Pruned, _check_inputs, _check_positive, _finish
 
 _DIAG_CHUNK = 8192  # columns of C·G formed at a time by diag()
 
@@ -52,7 +53,7 @@ class InverseFisher:
     """
 
     def __init__(self, X: torch.Tensor, l2: float):
-        _check_vector("X", X, 2)
+        check_tensor("X", X, 2)
         _check_positive("l2", l2, integer=False)
         n = X.shape[0]
         self.G, self.l2 = X, float(l2)

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from ..iht import hard_threshold
-from ..problem import check_k
+from ..problem import check_k, check_tensor
 
 
 class Pruned(NamedTuple):
@@ -31,17 +31,6 @@ class Pruned(NamedTuple):
 
 
 # -- input checks shared by the baselines ---------------------------------------------------
-def _check_vector(name: str, t, ndim: int) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor (float32/float64), got dtype {t.dtype}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(t.shape)}")
-    if t.numel() == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
-
-
 def _check_positive(name: str, value, *, integer: bool, minimum: float = 0.0, strict: bool = True):
     """A finite number (int when ``integer``) that is > minimum (strict) or ≥ minimum."""
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
@@ -57,8 +46,8 @@ def _check_positive(name: str, value, *, integer: bool, minimum: float = 0.0, st
 
 def _check_inputs(X, w_bar, k, l2) -> None:
     """Checks for the Fisher-based baselines: X (n, p) and w_bar (p,) float, same dtype/device."""
-    _check_vector("X", X, 2)
-    _check_vector("w_bar", w_bar, 1)
+    check_tensor("X", X, 2)
+    check_tensor("w_bar", w_bar, 1)
     if w_bar.shape[0] != X.shape[1]:
         raise ValueError(f"w_bar has {w_bar.shape[0]} entries but X has p = {X.shape[1]} columns")
     if w_bar.dtype != X.dtype or w_bar.device != X.device:
@@ -82,6 +71,6 @@ def magnitude(w_bar: torch.Tensor, k: int) -> Pruned:
     Returns:
         ``Pruned(w, support)`` with w = w̄ on the support and exactly 0 elsewhere.
     """
-    _check_vector("w_bar", w_bar, 1)
+    check_tensor("w_bar", w_bar, 1)
     check_k(k, w_bar.numel())
     return _finish(w_bar, hard_threshold(w_bar, k))

@@ -38,7 +38,8 @@ from __future__ import annotations
 import torch
 
 from ..iht import hard_threshold
-from .mp import Pruned, _check_inputs, _check_positive, _check_vector, _finish
+from ..problem import check_tensor
+from .mp import Pruned, _check_inputs, _check_positive, _finish
 
 _UPDATES = ("independent", "joint")
 
@@ -70,7 +71,7 @@ def block_fisher_inverse(X: torch.Tensor, l2: float, block_size: int = 100) -> t
         (nblocks, B, B) tensor; block b covers coordinates b·B … b·B + B − 1. Rows and
         columns past p (padding of the last block) hold (1/l2)·I.
     """
-    _check_vector("X", X, 2)
+    check_tensor("X", X, 2)
     _check_positive("l2", l2, integer=False)
     _check_positive("block_size", block_size, integer=True, minimum=1, strict=False)
     n, p = X.shape

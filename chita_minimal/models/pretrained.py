@@ -18,14 +18,12 @@ ever unpickled with ``weights_only=False``.
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import os
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from .._files import candidate_folders, download_allowed, file_hash, shared_dir
 from .mlpnet import MLPNet
 from .mobilenet import mobilenet_v1
 from .resnet50 import resnet50
@@ -58,19 +56,8 @@ _LOCAL_FILES = {  # name → files usable from a local folder, preferred first
 _DOWNLOAD_FILE = {"mlpnet": "mnist_25_epoch_93.97.ckpt", "resnet20": "resnet20_cifar10.pth.tar"}
 
 
-@functools.lru_cache(maxsize=None)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    # size and mtime in the cache key: a file changed on disk is hashed again.
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _check_file(path: Path) -> None:
-    st = path.stat()
-    sha = _sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
+    sha = file_hash(path)
     expected = _SHA256[path.name]
     if sha != expected:
         raise ValueError(
@@ -86,22 +73,12 @@ def _cache_dir() -> Path:
 
 
 def _repo_checkpoint_dir() -> Path:
-    # <repo root>/../shared/checkpoints, where repo root is the parent of the package directory.
-    return Path(__file__).resolve().parents[3] / "shared" / "checkpoints"
+    return shared_dir("checkpoints")
 
 
 def _find_checkpoint(name: str, root, download: bool) -> Path:
     """Path of a hash-checked checkpoint file for ``name``, or FileNotFoundError."""
-    if root is not None:
-        folders = [Path(root)]
-    elif os.environ.get("CHITA_CHECKPOINT_DIR"):
-        folders = [Path(os.environ["CHITA_CHECKPOINT_DIR"])]
-    elif _repo_checkpoint_dir().is_dir():
-        folders = [_repo_checkpoint_dir()]
-    else:
-        folders = []
-    if root is None:
-        folders.append(_cache_dir())  # earlier downloads
+    folders = candidate_folders(root, "CHITA_CHECKPOINT_DIR", _repo_checkpoint_dir(), _cache_dir())
 
     for folder in folders:
         for fname in _LOCAL_FILES[name]:
@@ -109,8 +86,7 @@ def _find_checkpoint(name: str, root, download: bool) -> Path:
                 _check_file(folder / fname)
                 return folder / fname
 
-    allowed = bool(download) and os.environ.get("CHITA_NO_DOWNLOAD", "") not in ("1", "true", "yes")
-    if allowed:
+    if download_allowed(download):
         import pooch
 
         fname = _DOWNLOAD_FILE[name]
