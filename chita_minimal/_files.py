@@ -46,3 +46,14 @@ def file_hash(path, algorithm: str = "sha256") -> str:
     """Hex digest of a file (computed once per process for an unchanged file)."""
     st = os.stat(path)
     return _digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, algorithm)
+
+
+def import_pooch():
+    """Import pooch (downloads and the user cache folder) without the warning its tqdm.auto import
+    prints in notebooks that lack ipywidgets."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        import pooch
+    return pooch

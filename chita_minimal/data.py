@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from ._files import candidate_folders, download_allowed, file_hash, shared_dir
+from ._files import candidate_folders, download_allowed, file_hash, import_pooch, shared_dir
 
 DATASETS = ("mnist", "cifar10")
 SPLITS = ("train", "test")
@@ -172,14 +172,14 @@ def _repo_data_dir() -> Path:
 
 
 def _cache_dir() -> Path:
-    import pooch
+    pooch = import_pooch()
 
     return Path(pooch.os_cache("chita_minimal"))
 
 
 def _download(name: str, split: str) -> Path:
     """Fetch ``name``'s files into the pooch cache (hash-checked by pooch); return the cache folder."""
-    import pooch
+    pooch = import_pooch()
 
     cache = _cache_dir()
     if name == "mnist":

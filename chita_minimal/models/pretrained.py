@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .._files import candidate_folders, download_allowed, file_hash, shared_dir
+from .._files import candidate_folders, download_allowed, file_hash, import_pooch, shared_dir
 from .mlpnet import MLPNet
 from .mobilenet import mobilenet_v1
 from .resnet50 import resnet50
@@ -67,7 +67,7 @@ def _check_file(path: Path) -> None:
 
 
 def _cache_dir() -> Path:
-    import pooch
+    pooch = import_pooch()
 
     return Path(pooch.os_cache("chita_minimal")) / "checkpoints"
 
@@ -87,7 +87,7 @@ def _find_checkpoint(name: str, root, download: bool) -> Path:
                 return folder / fname
 
     if download_allowed(download):
-        import pooch
+        pooch = import_pooch()
 
         fname = _DOWNLOAD_FILE[name]
         path = Path(pooch.retrieve(_URL + fname, known_hash=f"sha256:{_SHA256[fname]}", fname=fname,
