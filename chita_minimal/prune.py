@@ -78,7 +78,7 @@ def _solve_stage(method, X, w_bar, k, l2, alpha, mask, options):
 def prune(model: nn.Module, dataset, sparsity: float, method: str = "chita", *, n_grads: int = 1000,
           batch_size: int = 1, l2: float = 1e-3, seed: int = 0, param_names=None, device=None,
           first_order: bool = False, schedule: str = "exp", stages: int = 10, base: float = 0.1,
-          stage_method: str = "chita", block_size: int = 500, progress: bool = False,
+          stage_method: str = "chita", block_size: int | None = None, progress: bool = False,
           **options) -> PruneReport:
     """Prune ``model`` in place to ``sparsity`` with CHITA or a baseline; returns a :class:`PruneReport`.
 
@@ -96,7 +96,9 @@ def prune(model: nn.Module, dataset, sparsity: float, method: str = "chita", *, 
         seed: seed of the gradient sample (stage t of CHITA++ uses seed + t).
         first_order: include the first-order term α = Σ_i X_i (n times the mean gradient).
         device: where gradients and the solve run (default: the model's device).
-        options: passed to the solver or baseline (e.g. ``block_size`` for "wf"/"cbs").
+        block_size: Fisher block width for "wf"/"cbs" (their default 100 when None) and block
+            size of "chita-block" (default 500); blocks never straddle two layers for "chita-block".
+        options: passed to the solver or baseline (e.g. ``update`` for "wf", ``steps`` for "mfac").
 
     The model is changed only when every step succeeded; on error it is left untouched.
     """
@@ -132,8 +134,12 @@ def prune(model: nn.Module, dataset, sparsity: float, method: str = "chita", *, 
     else:
         plan = [(sparsity, method)]
     stage_options = dict(options)
-    if (method == "chita-block" or (method == "chita++" and stage_method == "chita-block")):
-        stage_options["blocks"] = _layer_blocks(lay, block_size)
+    if "chita-block" in (method, stage_method if method == "chita++" else None):
+        stage_options["blocks"] = _layer_blocks(lay, 500 if block_size is None else block_size)
+    elif block_size is not None:
+        if {method, stage_method if method == "chita++" else None}.isdisjoint({"wf", "cbs"}):
+            raise ValueError(f"block_size is used by 'wf', 'cbs' and 'chita-block', not by method {method!r}")
+        stage_options["block_size"] = block_size
 
     t_total = time.perf_counter()
     seconds = {"gradients": 0.0, "solve": 0.0}

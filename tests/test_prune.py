@@ -143,3 +143,13 @@ def test_model_without_prunable_parameters():
     data = torch.utils.data.TensorDataset(torch.randn(8, 3), torch.zeros(8, dtype=torch.long))
     with pytest.raises(ValueError, match="prunable"):
         cm.prune(model, data, 0.5, n_grads=4)
+
+
+def test_block_size_reaches_woodfisher(mnist):
+    train, _ = mnist
+    a, b = cm.models.load_pretrained("mlpnet"), cm.models.load_pretrained("mlpnet")
+    cm.prune(a, train, 0.9, method="wf", n_grads=100, block_size=20)
+    cm.prune(b, train, 0.9, method="wf", n_grads=100, block_size=200)
+    assert not torch.equal(a.fc1.weight, b.fc1.weight)  # a different Fisher block gives other weights
+    with pytest.raises(ValueError, match="block_size"):
+        cm.prune(cm.models.load_pretrained("mlpnet"), train, 0.9, method="mp", block_size=20)
