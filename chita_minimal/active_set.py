@@ -12,7 +12,7 @@ import math
 import torch
 
 from .backsolve import first_step_support, ridge_on_support
-from .iht import line_search_step, hard_threshold, iht, support_of
+from .iht import iht, line_search_step, project, support_of
 from .problem import Problem
 
 
@@ -38,7 +38,7 @@ def active_set(problem: Problem, k: int, *, expand: float = 1.5, max_rounds: int
     """
     p = problem.p
     active = first_step_support(problem, min(p, math.ceil(expand * k)))
-    w = torch.where(hard_threshold(problem.w_bar * active, k), problem.w_bar, torch.zeros_like(problem.w_bar))
+    w, _ = project(problem.w_bar * active, k)  # only w[A] is used below
     trace, iterations = [], 0
     for _ in range(max_rounds):
         idx = torch.nonzero(active).squeeze(1)
@@ -59,8 +59,7 @@ def active_set(problem: Problem, k: int, *, expand: float = 1.5, max_rounds: int
         accepted = None
         for _ in range(max_halvings + 1):
             u = w - tau * g
-            mask = hard_threshold(u, k)
-            w_new = torch.where(mask, u, torch.zeros_like(u))
+            w_new, mask = project(u, k)
             f_new = problem.objective(w_new)
             if f_new < f - tol * abs(f):
                 accepted = (w_new, mask, f_new)

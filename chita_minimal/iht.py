@@ -34,6 +34,12 @@ def hard_threshold(v: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
+def project(u: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """H_k applied to values: (u with all but its k largest |entries| set to 0, the kept mask)."""
+    mask = hard_threshold(u, k)
+    return torch.where(mask, u, torch.zeros_like(u)), mask
+
+
 def support_of(w: torch.Tensor, k: int) -> torch.Tensor:
     """The k kept coordinates of w: its nonzeros, filled up (lowest indices first) when fewer than k."""
     support = w != 0
@@ -59,8 +65,7 @@ def _step_to_keep_support(w, g, support):
 def _threshold_step(problem: Problem, w, r, g, Xd, d, tau, k):
     """w⁺ = H_k(w − τg) and its residual, reusing X·d: X w⁺ = Xw + τXd + X_Δ δ_Δ."""
     u = w - tau * g
-    mask = hard_threshold(u, k)
-    w_new = torch.where(mask, u, torch.zeros_like(u))
+    w_new, mask = project(u, k)
     delta = w_new - w - tau * d  # nonzero only where the support changed
     changed = torch.nonzero(delta).squeeze(1)
     if changed.numel() > _DENSE_UPDATE_FRACTION * w.numel():
@@ -139,8 +144,7 @@ def fixed_step(problem: Problem, w, r, f, k, tol, cg=None):
     """One IHT iteration with the fixed step 1/L (Alg 3 without line search)."""
     g = problem.gradient(w, r)
     u = w - g / problem.lipschitz()
-    mask = hard_threshold(u, k)
-    w_new = torch.where(mask, u, torch.zeros_like(u))
+    w_new, mask = project(u, k)
     r_new = problem.residual(w_new)
     return w_new, mask, r_new, problem.objective(w_new, r_new)
 
@@ -155,8 +159,7 @@ def iht(problem: Problem, k: int, w0: torch.Tensor | None = None, *, line_search
     f at the start and after every iteration (non-increasing for the line search).
     """
     start = problem.w_bar if w0 is None else w0
-    support = hard_threshold(start, k)
-    w = torch.where(support, start, torch.zeros_like(start))
+    w, support = project(start, k)
     r = problem.residual(w)
     f = problem.objective(w, r)
     trace = [f]
