@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .backsolve import first_step_support, ridge_on_support
+from .backsolve import first_step_support
 from .iht import iht, line_search_step, project, support_of
 from .problem import Problem
 
@@ -80,7 +80,7 @@ def active_set(problem: Problem, k: int, *, expand: float = 1.5, max_rounds: int
         active |= mask
     support = support_of(w, k)
     if polish:
-        w_ridge = ridge_on_support(problem, support)
+        w_ridge = problem.ridge(support)
         f_ridge = problem.objective(w_ridge)
         if f_ridge < trace[-1]:
             w = w_ridge
@@ -101,14 +101,18 @@ def _best_swap(problem: Problem, w, r, g, f, m: int, tol: float):
         return None
     I = S[torch.topk(w[S].abs(), min(m, S.numel()), largest=False).indices]  # smallest kept
     J = out[torch.topk(g[out].abs(), min(m, out.numel())).indices]  # largest pruned gradients
-    X, lam, w_bar = problem.X, problem.lam, problem.w_bar
-    XI, XJ = X[:, I], X[:, J]  # (n, m)
+    lam, w_bar = problem.lam, problem.w_bar
+    CI, CJ = problem.columns(I), problem.columns(J)  # (m, n): the columns X_i, X_j as rows
+    bI, bJ = problem.column_blocks(I), problem.column_blocks(J)  # residual block each column acts on
+    R = problem.residual_blocks(r)  # (blocks, n)
     wI = w[I]
     alpha_I = 0.0 if problem.alpha is None else problem.alpha[I]
     alpha_J = 0.0 if problem.alpha is None else problem.alpha[J]
-    c = (r @ XI) * wI + 0.5 * (XI * XI).sum(0) * wI**2 + lam * (w_bar[I] ** 2 - (wI - w_bar[I]) ** 2) - alpha_I * wI
-    a = (XJ * XJ).sum(0) + 2 * lam  # (mJ,)
-    b = (r @ XJ + 2 * lam * w_bar[J] - alpha_J).unsqueeze(1) + (XJ.T @ XI) * wI  # (mJ, mI)
+    c = (CI * R[bI]).sum(1) * wI + 0.5 * (CI * CI).sum(1) * wI**2 + lam * (w_bar[I] ** 2 - (wI - w_bar[I]) ** 2) \
+        - alpha_I * wI
+    a = (CJ * CJ).sum(1) + 2 * lam  # (mJ,)
+    cross = (CJ @ CI.T) * (bJ.unsqueeze(1) == bI.unsqueeze(0))  # X_jᵀX_i, zero across blocks
+    b = ((CJ * R[bJ]).sum(1) + 2 * lam * w_bar[J] - alpha_J).unsqueeze(1) + cross * wI  # (mJ, mI)
     gain = c.unsqueeze(0) - 0.5 * b**2 / a.unsqueeze(1)  # change of f for each (j, i)
     best = int(torch.argmin(gain))
     if float(gain.flatten()[best]) >= -tol * abs(f):

@@ -71,7 +71,7 @@ def _threshold_step(problem: Problem, w, r, g, Xd, d, tau, k):
     if changed.numel() > _DENSE_UPDATE_FRACTION * w.numel():
         r_new = problem.residual(w_new)
     else:
-        r_new = r - tau * Xd - problem.X[:, changed] @ delta[changed]
+        r_new = r - tau * Xd - problem.matvec_cols(changed, delta[changed])
     return w_new, mask, r_new
 
 
@@ -94,7 +94,7 @@ def line_search_step(problem: Problem, w, r, f, k, tol, cg=None):
     g = problem.gradient(w, r)
     d = torch.where(support, -g, torch.zeros_like(g))  # descent direction on S
     dd = float(torch.dot(d, d))
-    Xd = problem.X @ d
+    Xd = problem.matvec(d)
     tau_star = dd / (float(torch.dot(Xd, Xd)) + 2.0 * problem.lam * dd) if dd > 0 else 0.0
     tau_c = _step_to_keep_support(w, g, support) if full_support else 0.0
 
@@ -121,7 +121,9 @@ def line_search_step(problem: Problem, w, r, f, k, tol, cg=None):
         cg.clear()  # the support may change: restart the conjugate directions
 
     # explore support changes: τ_c, 2τ_c, … (τ* when w has fewer than k nonzeros) while f decreases
-    tau = tau_c if tau_c > 0 else tau_star
+    # τ_c itself is a tie (a kept and a pruned coordinate have equal magnitude after the step) that
+    # rounding would decide: start just past it, where the support really changes
+    tau = tau_c * (1.0 + 64 * torch.finfo(w.dtype).eps) if tau_c > 0 else tau_star
     improved = False
     if 0.0 < tau < float("inf"):
         for _ in range(6):  # the start and ≤ 5 doublings

@@ -44,6 +44,28 @@ def check_k(k, p: int) -> int:
     return k
 
 
+def check_inputs(X, w_bar, l2, alpha) -> tuple[int, int]:
+    """Validate the data of (P); returns (n, p)."""
+    check_tensor("X", X, 2)
+    check_tensor("w_bar", w_bar, 1)
+    n, p = X.shape
+    if w_bar.shape[0] != p:
+        raise ValueError(f"w_bar has {w_bar.shape[0]} entries but X has p = {p} columns")
+    if w_bar.dtype != X.dtype or w_bar.device != X.device:
+        raise TypeError(f"w_bar ({w_bar.dtype}, {w_bar.device}) must match X ({X.dtype}, {X.device})")
+    if isinstance(l2, bool) or not isinstance(l2, (int, float)):
+        raise TypeError(f"l2 must be a number, got {type(l2).__name__}")
+    if not math.isfinite(l2) or l2 < 0:
+        raise ValueError(f"l2 must be a finite number >= 0, got {l2}")
+    if alpha is not None:
+        check_tensor("alpha", alpha, 1)
+        if alpha.shape[0] != p:
+            raise ValueError(f"alpha has {alpha.shape[0]} entries but X has p = {p} columns")
+        if alpha.dtype != X.dtype or alpha.device != X.device:
+            raise TypeError(f"alpha ({alpha.dtype}, {alpha.device}) must match X ({X.dtype}, {X.device})")
+    return n, p
+
+
 class Problem:
     """Problem (P) with its objective, gradient and residual.
 
@@ -58,23 +80,7 @@ class Problem:
     """
 
     def __init__(self, X, w_bar, l2: float = 0.0, alpha=None, *, y=None, offset: float = 0.0):
-        check_tensor("X", X, 2)
-        check_tensor("w_bar", w_bar, 1)
-        n, p = X.shape
-        if w_bar.shape[0] != p:
-            raise ValueError(f"w_bar has {w_bar.shape[0]} entries but X has p = {p} columns")
-        if w_bar.dtype != X.dtype or w_bar.device != X.device:
-            raise TypeError(f"w_bar ({w_bar.dtype}, {w_bar.device}) must match X ({X.dtype}, {X.device})")
-        if isinstance(l2, bool) or not isinstance(l2, (int, float)):
-            raise TypeError(f"l2 must be a number, got {type(l2).__name__}")
-        if not math.isfinite(l2) or l2 < 0:
-            raise ValueError(f"l2 must be a finite number >= 0, got {l2}")
-        if alpha is not None:
-            check_tensor("alpha", alpha, 1)
-            if alpha.shape[0] != p:
-                raise ValueError(f"alpha has {alpha.shape[0]} entries but X has p = {p} columns")
-            if alpha.dtype != X.dtype or alpha.device != X.device:
-                raise TypeError(f"alpha ({alpha.dtype}, {alpha.device}) must match X ({X.dtype}, {X.device})")
+        n, p = check_inputs(X, w_bar, l2, alpha)
         self.X, self.w_bar, self.alpha = X, w_bar, alpha
         self.n, self.p = n, p
         self.l2 = float(l2)
@@ -83,10 +89,49 @@ class Problem:
         self.offset = float(offset)
         self._lipschitz = None
 
+    # -- the linear operator X (subclasses such as a block-diagonal X override these) ------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.w_bar.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.w_bar.device
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """X v, shape (n,)."""
+        return self.X @ v
+
+    def rmatvec(self, r: torch.Tensor) -> torch.Tensor:
+        """Xᵀ r, shape (p,)."""
+        return self.X.T @ r
+
+    def matvec_cols(self, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+        """X[:, idx] @ vals without touching the other columns, shape (n,)."""
+        return self.X[:, idx] @ vals
+
+    def columns(self, idx: torch.Tensor) -> torch.Tensor:
+        """Columns idx of X as rows, shape (len(idx), n)."""
+        return self.X[:, idx].T
+
+    def column_blocks(self, idx: torch.Tensor) -> torch.Tensor:
+        """Which row block of the residual each column acts on (all 0: X is one block)."""
+        return torch.zeros(idx.numel(), dtype=torch.long, device=idx.device)
+
+    def residual_blocks(self, r: torch.Tensor) -> torch.Tensor:
+        """The residual as (blocks, n) rows: one block here."""
+        return r.view(1, -1)
+
+    def ridge(self, support: torch.Tensor) -> torch.Tensor:
+        """argmin of (P) with w = 0 outside ``support`` (Alg 5's restricted solve)."""
+        from .backsolve import ridge_on_support
+
+        return ridge_on_support(self, support)
+
     # -- the quadratic -----------------------------------------------------------------
     def residual(self, w: torch.Tensor) -> torch.Tensor:
         """r = y − X w, shape (n,)."""
-        return self.y - self.X @ w
+        return self.y - self.matvec(w)
 
     def objective(self, w: torch.Tensor, r: torch.Tensor | None = None) -> float:
         """f(w) = ½‖r‖² + λ‖w − w̄‖² + αᵀw (+ offset); pass r to skip the matvec."""
@@ -101,7 +146,7 @@ class Problem:
         """∇f(w) = −Xᵀr + 2λ(w − w̄) + α, shape (p,)."""
         if r is None:
             r = self.residual(w)
-        g = -(self.X.T @ r)
+        g = -self.rmatvec(r)
         if self.lam:
             g += (2.0 * self.lam) * (w - self.w_bar)
         if self.alpha is not None:
@@ -115,11 +160,11 @@ class Problem:
         """
         if self._lipschitz is None:
             gen = torch.Generator(device="cpu").manual_seed(seed)
-            v = torch.randn(self.p, generator=gen, dtype=torch.float64).to(self.X)
+            v = torch.randn(self.p, generator=gen, dtype=torch.float64).to(self.w_bar)
             v /= v.norm()
             sigma2 = 0.0
             for _ in range(iters):
-                u = self.X.T @ (self.X @ v)
+                u = self.rmatvec(self.matvec(v))
                 sigma2 = float(u.norm())
                 if sigma2 == 0.0:
                     break
@@ -135,7 +180,7 @@ class Problem:
         ``restricted.objective(w[idx]) == full.objective(w)`` for any w vanishing
         outside idx. Used by the active set (Alg 4) and by fixed masks (CHITA++).
         """
-        outside = torch.ones(self.p, dtype=torch.bool, device=self.X.device)
+        outside = torch.ones(self.p, dtype=torch.bool, device=self.device)
         outside[idx] = False
         offset = self.offset + self.lam * float(torch.sum(self.w_bar[outside] ** 2))
         alpha = None if self.alpha is None else self.alpha[idx]

@@ -20,7 +20,9 @@ from .problem import Problem, num_kept
 from .schedules import schedule as make_schedule
 from .solve import solve
 
-CHITA_METHODS = {"chita": "active", "chita-iht": "iht", "chita-bso": "backsolve", "chita-block": "block"}
+CHITA_METHODS = {"chita": "active", "chita-iht": "iht", "chita-bso": "backsolve", "chita-block": "block",
+                 "chita-block-iht": "block-iht"}
+BLOCK_METHODS = ("chita-block", "chita-block-iht")
 BASELINE_METHODS = ("mp", "wf", "mfac", "cbs")
 PRUNE_METHODS = (*CHITA_METHODS, "chita++", *BASELINE_METHODS)
 
@@ -88,7 +90,8 @@ def prune(model: nn.Module, dataset, sparsity: float, method: str = "chita", *, 
         sparsity: fraction of the prunable weights set to zero, in [0, 1).
         method: "chita" (active-set IHT, Alg 4), "chita-iht" (line-search IHT, Alg 2/3),
             "chita-bso" (backsolve, Alg 5), "chita-block" (block backsolve, Alg 6, blocks of
-            ``block_size``), "chita++" (multi-stage, Alg 1: ``schedule``, ``stages``, ``base``,
+            ``block_size``), "chita-block-iht" (active-set IHT on the block-diagonal Fisher with
+            one global top-k, then the per-block backsolve), "chita++" (multi-stage, Alg 1: ``schedule``, ``stages``, ``base``,
             each stage solved with ``stage_method``), or the baselines "mp" (magnitude),
             "wf" (WoodFisher), "mfac" (M-FAC), "cbs" (Combinatorial Brain Surgeon).
         n_grads, batch_size: rows of X and samples per row (mini-batch size m).
@@ -97,7 +100,7 @@ def prune(model: nn.Module, dataset, sparsity: float, method: str = "chita", *, 
         first_order: include the first-order term α = Σ_i X_i (n times the mean gradient).
         device: where gradients and the solve run (default: the model's device).
         block_size: Fisher block width for "wf"/"cbs" (their default 100 when None) and block
-            size of "chita-block" (default 500); blocks never straddle two layers for "chita-block".
+            size of "chita-block"/"chita-block-iht" (default 500); their blocks never straddle two layers.
         options: passed to the solver or baseline (e.g. ``update`` for "wf", ``steps`` for "mfac").
 
     The model is changed only when every step succeeded; on error it is left untouched.
@@ -134,11 +137,12 @@ def prune(model: nn.Module, dataset, sparsity: float, method: str = "chita", *, 
     else:
         plan = [(sparsity, method)]
     stage_options = dict(options)
-    if "chita-block" in (method, stage_method if method == "chita++" else None):
+    if {method, stage_method if method == "chita++" else None} & set(BLOCK_METHODS):
         stage_options["blocks"] = _layer_blocks(lay, 500 if block_size is None else block_size)
     elif block_size is not None:
         if {method, stage_method if method == "chita++" else None}.isdisjoint({"wf", "cbs"}):
-            raise ValueError(f"block_size is used by 'wf', 'cbs' and 'chita-block', not by method {method!r}")
+            raise ValueError(f"block_size is used by 'wf', 'cbs', 'chita-block' and 'chita-block-iht', "
+                             f"not by method {method!r}")
         stage_options["block_size"] = block_size
 
     t_total = time.perf_counter()

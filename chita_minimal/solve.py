@@ -9,11 +9,11 @@ import torch
 
 from .active_set import active_set
 from .backsolve import backsolve, first_step_support
-from .blocks import block_backsolve
+from .blocks import BlockProblem, block_backsolve
 from .iht import iht
 from .problem import Problem, check_k
 
-METHODS = ("active", "iht", "iht-fixed", "backsolve", "block")
+METHODS = ("active", "iht", "iht-fixed", "backsolve", "block", "block-iht")
 
 
 @dataclass
@@ -48,13 +48,19 @@ def solve(X: torch.Tensor, w_bar: torch.Tensor, k: int, *, l2: float = 0.0, alph
           mask: torch.Tensor | None = None, **options) -> SolveResult:
     """Solve problem (P) for k nonzeros with one of CHITA's algorithms.
 
+    ``objective`` of the result is f(w) of the full problem (P) for every method; the
+    ``trace`` of "block-iht" holds the objective of the block-diagonal problem it solves.
+
     Args:
         X: (n, p) gradient matrix (float32/float64, any device); w_bar: (p,) weights.
         k: number of weights to keep, 1 ≤ k ≤ p (or ≤ the number allowed by ``mask``).
         l2: ridge weight (λ = l2·n/2); alpha: optional (p,) first-order term.
         method: "active" (Alg 4), "iht" (Alg 3 with the Alg 2 line search),
-            "iht-fixed" (Alg 3 with step 1/L), "backsolve" (Alg 5), "block" (Alg 6).
-        blocks: block specification for "block" (see :func:`chita_minimal.blocks.make_blocks`).
+            "iht-fixed" (Alg 3 with step 1/L), "backsolve" (Alg 5), "block" (Alg 6: support of
+            one thresholding step, then a backsolve per block), "block-iht" (the active set of
+            Alg 4 on the block-diagonal problem — one global top-k across blocks — ending with
+            the per-block backsolve; see :class:`chita_minimal.blocks.BlockProblem`).
+        blocks: block specification for "block"/"block-iht" (see :func:`chita_minimal.blocks.make_blocks`).
         max_iter, tol: IHT stopping rule (relative objective change < tol).
         mask: optional (p,) bool; coordinates where it is False are fixed at 0 (CHITA++
             stages keep earlier pruned weights pruned).
@@ -73,15 +79,18 @@ def solve(X: torch.Tensor, w_bar: torch.Tensor, k: int, *, l2: float = 0.0, alph
             raise ValueError("mask allows no coordinate")
         problem = problem.restrict(idx)
     k = check_k(k, problem.p)
-    if method == "block" and blocks is None:
-        raise ValueError("method='block' needs blocks (a block size or a partition)")
-    if method != "block" and blocks is not None:
-        raise ValueError(f"blocks is only used by method='block', got method={method!r}")
+    if method.startswith("block") and blocks is None:
+        raise ValueError(f"method={method!r} needs blocks (a block size or a partition)")
+    if not method.startswith("block") and blocks is not None:
+        raise ValueError(f"blocks is only used by methods 'block' and 'block-iht', got method={method!r}")
 
     _sync(X)
     t0 = time.perf_counter()
     if method == "active":
         w, support, trace, iterations = active_set(problem, k, max_iter=max_iter, tol=tol, **options)
+    elif method == "block-iht":  # the same solver on the block-diagonal problem (trace: its objective)
+        block_problem = BlockProblem(X, w_bar, blocks, l2, alpha, keep=mask)
+        w, support, trace, iterations = active_set(block_problem, k, max_iter=max_iter, tol=tol, **options)
     elif method in ("iht", "iht-fixed"):
         w, support, trace, iterations = iht(problem, k, line_search=(method == "iht"), max_iter=max_iter, tol=tol,
                                             **options)

@@ -13,11 +13,11 @@ from chita_minimal.blocks import block_backsolve, make_blocks
 from chita_minimal.iht import iht
 from conftest import random_problem
 
-METHODS = ["active", "iht", "iht-fixed", "backsolve", "block"]
+METHODS = ["active", "iht", "iht-fixed", "backsolve", "block", "block-iht"]
 
 
 def _opts(method):
-    return {"blocks": 5} if method == "block" else {}
+    return {"blocks": 5} if method.startswith("block") else {}
 
 
 def brute_force(problem, k):
