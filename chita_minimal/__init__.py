@@ -8,7 +8,7 @@ Five lines from a trained model to a pruned one::
     print(cm.evaluate(model, cm.data.load("mnist", "test")))
 """
 
-from . import baselines, data, fisher, models, params
+from . import baselines, data, fisher, measure, models, params
 from .evaluate import evaluate, recalibrate_bn
 from .fisher import gradients
 from .iht import hard_threshold
@@ -21,6 +21,6 @@ from .utils import device, seed_everything
 
 __version__ = "0.1.0"
 
-__all__ = ["baselines", "data", "fisher", "models", "params", "evaluate", "recalibrate_bn", "gradients",
+__all__ = ["baselines", "data", "fisher", "measure", "models", "params", "evaluate", "recalibrate_bn", "gradients",
            "hard_threshold", "MaskKeeper", "Problem", "num_kept", "PRUNE_METHODS", "PruneReport", "prune",
            "SCHEDULES", "schedule", "METHODS", "SolveResult", "solve", "device", "seed_everything"]

@@ -92,4 +92,5 @@ def backsolve(problem: Problem, k: int, support: torch.Tensor | None = None, *, 
     """
     if support is None:
         support = first_step_support(problem, k)
-    return ridge_on_support(problem, support, woodbury=woodbury), support
+    w = problem.ridge(support) if woodbury is None else ridge_on_support(problem, support, woodbury=woodbury)
+    return w, support

@@ -28,6 +28,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
+from . import distributed
 from .params import Layout, layout
 
 CHUNK_BYTES = 256 * 2**20  # default chunk: about this many bytes of gradients
@@ -43,6 +44,8 @@ class FisherSample:
         layout: which parameters the p columns belong to (see ``params.Layout``).
         indices: (n, batch_size) dataset indices of the samples of each mini-batch.
         seconds: wall-clock time taken to build X.
+        n_total: rows over all ranks; ``sharded``: X holds only this rank's rows (under
+            ``torch.distributed``, see :mod:`chita_minimal.distributed`).
     """
 
     X: torch.Tensor = field(repr=False)
@@ -50,9 +53,12 @@ class FisherSample:
     layout: Layout = field(repr=False)
     indices: torch.Tensor = field(repr=False)
     seconds: float
+    n_total: int = 0
+    sharded: bool = False
 
     @property
     def n(self) -> int:
+        """Rows held here (this rank's share when sharded)."""
         return self.X.shape[0]
 
     @property
@@ -74,7 +80,7 @@ class FisherSample:
 
 def gradients(model: nn.Module, dataset, n: int, *, batch_size: int = 1, params=None, device=None,
               seed: int = 0, chunk_size: int | None = None, loss_fn=None,
-              progress: bool = True) -> FisherSample:
+              progress: bool = True, shard: bool | None = None) -> FisherSample:
     """Build X (n×p) with ``torch.func`` (``vmap`` of ``grad`` of ``functional_call``).
 
     Args:
@@ -96,6 +102,10 @@ def gradients(model: nn.Module, dataset, n: int, *, batch_size: int = 1, params=
         loss_fn: ``loss_fn(output, target) -> scalar``, the mean loss of one
             mini-batch; default cross-entropy on the model's output (logits).
         progress: show a tqdm progress bar.
+        shard: compute only this rank's rows (contiguous share of the n rows, the same
+            samples as one process would draw for ``seed``, whatever the world size);
+            None means: when an initialised process group has more than one process.
+            ``mean_grad`` is then the mean over all n rows (all-reduced).
 
     The model is put in eval mode during the computation (each module's mode is
     restored afterwards): per-sample gradients are not defined when BatchNorm
@@ -109,12 +119,12 @@ def gradients(model: nn.Module, dataset, n: int, *, batch_size: int = 1, params=
     (naming the parameters concerned).
     """
     return _sample(model, dataset, n, batch_size, params, device, seed, chunk_size, loss_fn,
-                   progress, _vmap_rows, "gradients (vmap)")
+                   progress, _vmap_rows, "gradients (vmap)", shard)
 
 
 def gradients_loop(model: nn.Module, dataset, n: int, *, batch_size: int = 1, params=None,
                    device=None, seed: int = 0, chunk_size: int | None = None, loss_fn=None,
-                   progress: bool = True) -> FisherSample:
+                   progress: bool = True, shard: bool | None = None) -> FisherSample:
     """Same X as :func:`gradients`, one plain backward pass per row.
 
     Same arguments and result (same samples for the same seed). Rows are taken with
@@ -123,7 +133,7 @@ def gradients_loop(model: nn.Module, dataset, n: int, *, batch_size: int = 1, pa
     simple: the reference implementation for tests and benchmarks.
     """
     return _sample(model, dataset, n, batch_size, params, device, seed, chunk_size, loss_fn,
-                   progress, _loop_rows, "gradients (loop)")
+                   progress, _loop_rows, "gradients (loop)", shard)
 
 
 # -----------------------------------------------------------------------------
@@ -175,7 +185,7 @@ def _loop_rows(model: nn.Module, lay: Layout, loss_fn):
 
 
 def _sample(model, dataset, n, batch_size, params, device, seed, chunk_size, loss_fn, progress,
-            make_rows, desc) -> FisherSample:
+            make_rows, desc, shard=None) -> FisherSample:
     t0 = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -208,6 +218,18 @@ def _sample(model, dataset, n, batch_size, params, device, seed, chunk_size, los
 
     g = torch.Generator().manual_seed(seed)
     indices = torch.randperm(len(dataset), generator=g)[:need].view(n, batch_size)  # (n, bs)
+    n_total = n
+    if shard is None:
+        shard = distributed.active()
+    if shard:
+        rank, world = distributed.rank_and_world()
+        if world < 2:
+            raise ValueError("shard=True needs an initialised torch.distributed process group of > 1 process")
+        if n < world:
+            raise ValueError(f"n = {n} rows cannot be shared by {world} ranks (need n >= world size)")
+        distributed.check_same(n=n, batch_size=batch_size, seed=seed, dataset_size=len(dataset))
+        start, stop = distributed.row_range(n, rank, world)
+        indices, n = indices[start:stop], stop - start
     if chunk_size is None:
         row_bytes = lay.p * torch.empty((), dtype=dtype).element_size()
         chunk_size = max(1, CHUNK_BYTES // row_bytes)
@@ -227,10 +249,15 @@ def _sample(model, dataset, n, batch_size, params, device, seed, chunk_size, los
                     raise ValueError(f"non-finite (NaN/Inf) gradients in parameter(s) {bad} "
                                      f"for rows {r0}..{r1 - 1}")
                 bar.update(r1 - r0)
-        mean_grad = X.mean(0)  # (p,)
+        if shard:
+            mean_grad = X.sum(0)
+            torch.distributed.all_reduce(mean_grad)
+            mean_grad /= n_total  # (p,) mean over every rank's rows
+        else:
+            mean_grad = X.mean(0)  # (p,)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-    return FisherSample(X, mean_grad, lay, indices, time.perf_counter() - t0)
+    return FisherSample(X, mean_grad, lay, indices, time.perf_counter() - t0, n_total=n_total, sharded=bool(shard))
 
 
 def _all_finite(t: torch.Tensor) -> bool:

@@ -95,7 +95,7 @@ def line_search_step(problem: Problem, w, r, f, k, tol, cg=None):
     d = torch.where(support, -g, torch.zeros_like(g))  # descent direction on S
     dd = float(torch.dot(d, d))
     Xd = problem.matvec(d)
-    tau_star = dd / (float(torch.dot(Xd, Xd)) + 2.0 * problem.lam * dd) if dd > 0 else 0.0
+    tau_star = dd / (problem.rdot(Xd, Xd) + 2.0 * problem.lam * dd) if dd > 0 else 0.0
     tau_c = _step_to_keep_support(w, g, support) if full_support else 0.0
 
     best = (w, support, r, f)
@@ -107,7 +107,7 @@ def line_search_step(problem: Problem, w, r, f, k, tol, cg=None):
             step_cg = d + beta * cg["d"]
             Xstep_cg = Xd + beta * cg["Xd"]
             slope = -float(torch.dot(g, step_cg))  # −gᵀd_cg > 0 for a descent direction
-            curv = float(torch.dot(Xstep_cg, Xstep_cg)) + 2.0 * problem.lam * float(torch.dot(step_cg, step_cg))
+            curv = problem.rdot(Xstep_cg, Xstep_cg) + 2.0 * problem.lam * float(torch.dot(step_cg, step_cg))
             if slope > 0 and curv > 0:
                 step, Xstep, tau = step_cg, Xstep_cg, slope / curv
         w_new = w + tau * step

@@ -118,6 +118,10 @@ class Problem:
         """Which row block of the residual each column acts on (all 0: X is one block)."""
         return torch.zeros(idx.numel(), dtype=torch.long, device=idx.device)
 
+    def rdot(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        """Dot product of two residual-space vectors (n entries; all-reduced when X is row-sharded)."""
+        return float(torch.dot(a, b))
+
     def residual_blocks(self, r: torch.Tensor) -> torch.Tensor:
         """The residual as (blocks, n) rows: one block here."""
         return r.view(1, -1)
@@ -137,10 +141,10 @@ class Problem:
         """f(w) = ½‖r‖² + λ‖w − w̄‖² + αᵀw (+ offset); pass r to skip the matvec."""
         if r is None:
             r = self.residual(w)
-        f = 0.5 * torch.dot(r, r) + self.lam * torch.sum((w - self.w_bar) ** 2)
+        f = 0.5 * self.rdot(r, r) + self.lam * float(torch.sum((w - self.w_bar) ** 2))
         if self.alpha is not None:
-            f = f + torch.dot(self.alpha, w)
-        return float(f) + self.offset
+            f = f + float(torch.dot(self.alpha, w))
+        return f + self.offset
 
     def gradient(self, w: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
         """∇f(w) = −Xᵀr + 2λ(w − w̄) + α, shape (p,)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import baselines, fisher, params
+from . import baselines, distributed, fisher, params
 from .blocks import make_blocks
 from .problem import Problem, num_kept
 from .schedules import schedule as make_schedule
@@ -62,10 +62,20 @@ def _check_sparsity(sparsity) -> float:
     return float(sparsity)
 
 
-def _solve_stage(method, X, w_bar, k, l2, alpha, mask, options):
-    """One pruning step on the flat weights: returns (w, support, objective or None)."""
+DISTRIBUTED_SOLVERS = ("chita", "chita-iht", "chita-bso")  # solved on row-sharded X; others gather X
+
+
+def _solve_stage(method, X, w_bar, k, l2, alpha, mask, options, sharded=False):
+    """One pruning step on the flat weights: returns (w, support, objective or None).
+
+    ``sharded``: X holds this rank's rows (torch.distributed); methods that cannot work on
+    row shards gather the full X on every rank first (memory n·p per rank).
+    """
+    if sharded and method not in DISTRIBUTED_SOLVERS and method != "mp":
+        X, sharded = distributed.gather_rows(X), False
     if method in CHITA_METHODS:
-        res = solve(X, w_bar, k, l2=l2, alpha=alpha, method=CHITA_METHODS[method], mask=mask, **options)
+        res = solve(X, w_bar, k, l2=l2, alpha=alpha, method=CHITA_METHODS[method], mask=mask, distributed=sharded,
+                    **options)
         return res.w, res.support, res.objective
     if method == "mp":
         out = baselines.magnitude(w_bar, k)
@@ -110,6 +120,8 @@ def prune(model: nn.Module, dataset, sparsity: float, method: str = "chita", *, 
     if method == "chita++" and stage_method not in (*CHITA_METHODS, *BASELINE_METHODS):
         raise ValueError(f"unknown stage_method {stage_method!r}; valid: {', '.join((*CHITA_METHODS, *BASELINE_METHODS))}")
     sparsity = _check_sparsity(sparsity)
+    distributed.check_same(method=method, sparsity=sparsity, n_grads=n_grads, batch_size=batch_size, l2=l2,
+                           seed=seed, stage_method=stage_method, schedule=schedule, stages=stages)
     if isinstance(n_grads, bool) or not isinstance(n_grads, int) or n_grads < 1:
         raise ValueError(f"n_grads must be an int >= 1, got {n_grads!r}")
     if isinstance(l2, bool) or not isinstance(l2, (int, float)) or l2 < 0:
@@ -156,20 +168,20 @@ def prune(model: nn.Module, dataset, sparsity: float, method: str = "chita", *, 
             k_t = num_kept(s_t, p)
             if mask is not None:
                 k_t = min(k_t, int(mask.sum()))
-            X, alpha = None, None
+            X, alpha, sharded = None, None, False
             if m_t != "mp":
                 t0 = time.perf_counter()
                 if t > 0:
                     params.write_back(model, lay, w.to(original.device))  # gradients at the masked weights
                 sample = fisher.gradients(model, dataset, n_grads, batch_size=batch_size, params=names,
                                           device=dev, seed=seed + t, progress=progress)
-                X = sample.X
+                X, sharded = sample.X, sample.sharded
                 if first_order:
-                    alpha = sample.mean_grad * sample.n
+                    alpha = sample.mean_grad * sample.n_total
                 seconds["gradients"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             stage_mask = mask if m_t in CHITA_METHODS else None
-            w_new, support, objective = _solve_stage(m_t, X, w, k_t, l2, alpha, stage_mask, stage_options)
+            w_new, support, objective = _solve_stage(m_t, X, w, k_t, l2, alpha, stage_mask, stage_options, sharded)
             seconds["solve"] += time.perf_counter() - t0
             if mask is not None and bool((support & ~mask).any()):
                 # a stage solver without a mask argument revived pruned weights: keep them pruned

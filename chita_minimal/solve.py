@@ -45,7 +45,7 @@ def _sync(t: torch.Tensor) -> None:
 
 def solve(X: torch.Tensor, w_bar: torch.Tensor, k: int, *, l2: float = 0.0, alpha: torch.Tensor | None = None,
           method: str = "active", blocks=None, max_iter: int = 500, tol: float = 1e-7,
-          mask: torch.Tensor | None = None, **options) -> SolveResult:
+          mask: torch.Tensor | None = None, distributed: bool = False, **options) -> SolveResult:
     """Solve problem (P) for k nonzeros with one of CHITA's algorithms.
 
     ``objective`` of the result is f(w) of the full problem (P) for every method; the
@@ -64,11 +64,24 @@ def solve(X: torch.Tensor, w_bar: torch.Tensor, k: int, *, l2: float = 0.0, alph
         max_iter, tol: IHT stopping rule (relative objective change < tol).
         mask: optional (p,) bool; coordinates where it is False are fixed at 0 (CHITA++
             stages keep earlier pruned weights pruned).
+        distributed: X holds this rank's rows only, under an initialised ``torch.distributed``
+            process group (see :mod:`chita_minimal.distributed`); every rank must call with its
+            rows and the same w_bar, k, l2 and method, and gets the same result. Methods
+            "active", "iht", "iht-fixed" and "backsolve".
         options: passed to the method (e.g. ``expand``, ``max_rounds``, ``polish`` for "active").
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
-    problem = Problem(X, w_bar, l2, alpha)
+    if distributed:
+        from .distributed import ShardedProblem, check_same
+
+        if method not in ("active", "iht", "iht-fixed", "backsolve"):
+            raise ValueError(f"method {method!r} is not available with distributed=True; "
+                             "use 'active', 'iht', 'iht-fixed' or 'backsolve'")
+        check_same(k=k, method=method, mask=None if mask is None else int(mask.sum()))
+        problem = ShardedProblem(X, w_bar, l2, alpha)
+    else:
+        problem = Problem(X, w_bar, l2, alpha)
     full = problem
     idx = None
     if mask is not None:
