@@ -97,6 +97,14 @@ class ShardedProblem(Problem):
     def rdot(self, a, b):
         return float(_all_reduce(torch.dot(a, b).reshape(1).double()))
 
+    def objective(self, w, r=None):
+        if r is None:
+            r = self.residual(w)
+        f = 0.5 * self.rdot(r, r) + self.lam * float(torch.sum((w - self.w_bar) ** 2))
+        if self.alpha is not None:
+            f += float(torch.dot(self.alpha, w))
+        return f + self.offset
+
     def columns(self, idx):
         return gather_rows(self.X[:, idx]).T  # (m, n): all rows of the columns idx
 

@@ -141,10 +141,10 @@ class Problem:
         """f(w) = ½‖r‖² + λ‖w − w̄‖² + αᵀw (+ offset); pass r to skip the matvec."""
         if r is None:
             r = self.residual(w)
-        f = 0.5 * self.rdot(r, r) + self.lam * float(torch.sum((w - self.w_bar) ** 2))
+        f = 0.5 * torch.dot(r, r) + self.lam * torch.sum((w - self.w_bar) ** 2)
         if self.alpha is not None:
-            f = f + float(torch.dot(self.alpha, w))
-        return f + self.offset
+            f = f + torch.dot(self.alpha, w)
+        return float(f) + self.offset
 
     def gradient(self, w: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
         """∇f(w) = −Xᵀr + 2λ(w − w̄) + α, shape (p,)."""
