@@ -135,3 +135,20 @@ def test_sharded_problem_needs_a_process_group():
         cm.gradients(tiny_model(), tiny_data(), 4, shard=True, progress=False)
     with pytest.raises(ValueError, match="not available with distributed=True"):
         cm.solve(X, w_bar, 5, method="block", blocks=10, distributed=True)
+
+
+def test_torchrun_launcher_runs_two_ranks(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    report = tmp_path / "report.json"
+    cmd = [str(torchrun), "--nproc-per-node", "2", "-m", "chita_minimal.launch", "--n-grads", "40",
+           "--threads", "1", "--timeout", "60", "--out", str(report)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = json.loads(report.read_text())
+    assert out["world_size"] == 2 and out["rows_per_rank"] == 20 and out["backend"] == "gloo"
+    assert out["achieved_sparsity"] == pytest.approx(0.9, abs=1e-4) and out["accuracy"] > 80
