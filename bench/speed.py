@@ -6,7 +6,7 @@ Rows (one CSV, data/bench/speed.csv):
   chita++      CHITA++ to 0.98 with 10 stages, gradients recomputed every stage, end to end
   profile      where the time of the active-set solve at 0.9 goes (cProfile, cumulative, parts nest)
 l2 is the value chosen on the validation split by the MLPNet chapter for each method and sparsity
-(data/results/mlpnet_l2.csv) when that file exists, else --l2.
+(data/results/mlpnet_l2.csv; below its smallest tuned sparsity the value chosen there), else --l2.
 Usage: python bench/speed.py [--device cuda] [--n 1000]
 """
 
@@ -37,7 +37,11 @@ def tuned_l2(method: str, default: float) -> dict[float, float]:
             for row in csv.DictReader(f):
                 if row.get("method") == method and row.get("chosen", "").lower() == "true":
                     out[float(row["sparsity"])] = float(row["l2"])
-    return {s: out.get(s, default) for s in SPARSITIES}
+    def pick(s):  # as the chapter does: below the smallest tuned sparsity, reuse the value chosen there
+        above = [t for t in out if t >= s - 1e-12]
+        return out[min(above)] if above else default
+
+    return {s: pick(s) for s in SPARSITIES}
 
 
 def main():

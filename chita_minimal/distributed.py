@@ -134,3 +134,42 @@ class ShardedProblem(Problem):
     def __repr__(self) -> str:
         rank, world = rank_and_world()
         return f"ShardedProblem(rank {rank}/{world}, rows {self.n_local} of n={self.n}, p={self.p}, l2={self.l2:g})"
+
+
+def block_backsolve_sharded(problem: ShardedProblem, k: int, blocks, support: torch.Tensor | None = None):
+    """Alg 6 with row-sharded X: the blocks are dealt out to the ranks (block b to rank b mod W).
+
+    Every rank sends its rows of the other ranks' block columns (one ``gather`` per rank, the
+    volume of X moved once), solves its own blocks on all n rows with the batched
+    :func:`chita_minimal.blocks.block_backsolve`, and the solved blocks are combined by one
+    all-reduce of the p-vector (disjoint columns). Returns (w, support), the same on every rank.
+    """
+    from .backsolve import first_step_support
+    from .blocks import block_backsolve, make_blocks
+
+    rank, world = rank_and_world()
+    if support is None:
+        support = first_step_support(problem, k)
+    parts = make_blocks(problem.p, blocks)
+    dev = problem.device
+    X = problem.X  # (n_r, p) this rank's rows
+    n_max = max(b - a for a, b in (row_range(problem.n, r, world) for r in range(world)))
+    mine = None
+    for q in range(world):
+        cols = torch.cat(parts[q::world]).to(dev) if parts[q::world] else torch.zeros(0, dtype=torch.long, device=dev)
+        send = X.new_zeros(n_max, cols.numel())
+        send[:X.shape[0]] = X[:, cols]
+        bufs = [torch.empty_like(send) for _ in range(world)] if rank == q else None
+        dist.gather(send, bufs, dst=q)
+        if rank == q:
+            counts = [b - a for a, b in (row_range(problem.n, r, world) for r in range(world))]
+            mine = (cols, torch.cat([buf[:c] for buf, c in zip(bufs, counts)]))  # (n, |cols|)
+    cols, Xq = mine
+    w = torch.zeros_like(problem.w_bar)
+    if cols.numel():
+        sizes = [len(b) for b in parts[rank::world]]
+        alpha = None if problem.alpha is None else problem.alpha[cols]
+        local = Problem(Xq, problem.w_bar[cols], problem.l2, alpha)
+        w[cols], _ = block_backsolve(local, 1, sizes, support=support[cols])
+    dist.all_reduce(w)
+    return w, support

@@ -62,7 +62,7 @@ def _check_sparsity(sparsity) -> float:
     return float(sparsity)
 
 
-DISTRIBUTED_SOLVERS = ("chita", "chita-iht", "chita-bso")  # solved on row-sharded X; others gather X
+DISTRIBUTED_SOLVERS = ("chita", "chita-iht", "chita-bso", "chita-block")  # solved on row-sharded X; others gather X
 
 
 def _solve_stage(method, X, w_bar, k, l2, alpha, mask, options, sharded=False):

@@ -67,17 +67,17 @@ def solve(X: torch.Tensor, w_bar: torch.Tensor, k: int, *, l2: float = 0.0, alph
         distributed: X holds this rank's rows only, under an initialised ``torch.distributed``
             process group (see :mod:`chita_minimal.distributed`); every rank must call with its
             rows and the same w_bar, k, l2 and method, and gets the same result. Methods
-            "active", "iht", "iht-fixed" and "backsolve".
+            "active", "iht", "iht-fixed", "backsolve" and "block" (blocks dealt out to the ranks).
         options: passed to the method (e.g. ``expand``, ``max_rounds``, ``polish`` for "active").
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
     if distributed:
-        from .distributed import ShardedProblem, check_same
+        from .distributed import ShardedProblem, block_backsolve_sharded, check_same
 
-        if method not in ("active", "iht", "iht-fixed", "backsolve"):
+        if method not in ("active", "iht", "iht-fixed", "backsolve", "block"):
             raise ValueError(f"method {method!r} is not available with distributed=True; "
-                             "use 'active', 'iht', 'iht-fixed' or 'backsolve'")
+                             "use 'active', 'iht', 'iht-fixed', 'backsolve' or 'block'")
         check_same(k=k, method=method, mask=None if mask is None else int(mask.sum()))
         problem = ShardedProblem(X, w_bar, l2, alpha)
     else:
@@ -116,7 +116,8 @@ def solve(X: torch.Tensor, w_bar: torch.Tensor, k: int, *, l2: float = 0.0, alph
             support[idx] = first_step_support(problem, k)
             problem, idx = full, None
             options = {"support": support, **options}
-        w, support = block_backsolve(problem, k, blocks, **options)
+        solver = block_backsolve_sharded if distributed else block_backsolve
+        w, support = solver(problem, k, blocks, **options)
         trace, iterations = [problem.objective(w)], 1
     _sync(X)
     seconds = time.perf_counter() - t0

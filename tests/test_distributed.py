@@ -14,8 +14,9 @@ from chita_minimal import distributed
 from conftest import random_problem
 
 WORLD = 2
-SOLVE_CASES = [("active", None), ("iht", None), ("iht-fixed", None), ("backsolve", None), ("active", "mask")]
-PRUNE_CASES = ["chita", "chita-bso", "chita++", "wf", "chita-block-iht"]
+SOLVE_CASES = [("active", None), ("iht", None), ("iht-fixed", None), ("backsolve", None), ("active", "mask"),
+               ("block", None), ("block", "mask")]
+PRUNE_CASES = ["chita", "chita-bso", "chita-block", "chita++", "wf", "chita-block-iht"]
 
 
 def tiny_data(seed=0, size=64):
@@ -43,7 +44,7 @@ def _work(rank, world):
     start, stop = distributed.row_range(X.shape[0], rank, world)
     for method, m in SOLVE_CASES:
         res = cm.solve(X[start:stop], w_bar, 17, l2=0.05, method=method, distributed=True,
-                       mask=mask if m else None)
+                       mask=mask if m else None, **({"blocks": 7} if method == "block" else {}))
         out[(method, m)] = (res.w, res.support, res.objective)
     try:
         cm.solve(X[start:stop], w_bar, 10 + rank, l2=0.05, method="active", distributed=True)
@@ -100,7 +101,8 @@ def test_distributed_gradients_equal_single_process(ranks):
 def test_row_sharded_solver_equals_one_process(ranks, case):
     method, m = case
     X, w_bar, mask = solve_inputs()
-    ref = cm.solve(X, w_bar, 17, l2=0.05, method=method, mask=mask if m else None)
+    ref = cm.solve(X, w_bar, 17, l2=0.05, method=method, mask=mask if m else None,
+                   **({"blocks": 7} if method == "block" else {}))
     for r in ranks:
         w, support, objective = r[case]
         assert torch.equal(support, ref.support)
@@ -134,7 +136,7 @@ def test_sharded_problem_needs_a_process_group():
     with pytest.raises(ValueError, match="process group"):
         cm.gradients(tiny_model(), tiny_data(), 4, shard=True, progress=False)
     with pytest.raises(ValueError, match="not available with distributed=True"):
-        cm.solve(X, w_bar, 5, method="block", blocks=10, distributed=True)
+        cm.solve(X, w_bar, 5, method="block-iht", blocks=10, distributed=True)
 
 
 def test_torchrun_launcher_runs_two_ranks(tmp_path):
