@@ -8,9 +8,10 @@ Five lines from a trained model to a pruned one::
     print(cm.evaluate(model, cm.data.load("mnist", "test")))
 """
 
-from . import baselines, data, fisher, measure, models, params
+from . import baselines, data, fisher, measure, models, params, train
 from .evaluate import evaluate, recalibrate_bn
 from .fisher import gradients
+from .train import GradualResult, gradual, train_epochs
 from .iht import hard_threshold
 from .params import MaskKeeper
 from .problem import Problem, num_kept
@@ -21,6 +22,6 @@ from .utils import device, seed_everything
 
 __version__ = "0.1.0"
 
-__all__ = ["baselines", "data", "fisher", "measure", "models", "params", "evaluate", "recalibrate_bn", "gradients",
+__all__ = ["baselines", "data", "fisher", "measure", "models", "train", "params", "evaluate", "recalibrate_bn", "gradients", "gradual", "GradualResult", "train_epochs",
            "hard_threshold", "MaskKeeper", "Problem", "num_kept", "PRUNE_METHODS", "PruneReport", "prune",
            "SCHEDULES", "schedule", "METHODS", "SolveResult", "solve", "device", "seed_everything"]

@@ -91,6 +91,7 @@ def prune(model: nn.Module, dataset, sparsity: float, method: str = "chita", *, 
           batch_size: int = 1, l2: float = 1e-3, seed: int = 0, param_names=None, device=None,
           first_order: bool = False, schedule: str = "exp", stages: int = 10, base: float = 0.1,
           stage_method: str = "chita", block_size: int | None = None, progress: bool = False,
+          keep_pruned: bool = False,
           **options) -> PruneReport:
     """Prune ``model`` in place to ``sparsity`` with CHITA or a baseline; returns a :class:`PruneReport`.
 
@@ -111,6 +112,8 @@ def prune(model: nn.Module, dataset, sparsity: float, method: str = "chita", *, 
         device: where gradients and the solve run (default: the model's device).
         block_size: Fisher block width for "wf"/"cbs" (their default 100 when None) and block
             size of "chita-block"/"chita-block-iht" (default 500); their blocks never straddle two layers.
+        keep_pruned: weights that are zero already stay zero (gradual pruning of a pruned network);
+            CHITA methods solve with them fixed at zero, baselines must not revive them.
         options: passed to the solver or baseline (e.g. ``update`` for "wf", ``steps`` for "mfac").
 
     The model is changed only when every step succeeded; on error it is left untouched.
@@ -161,7 +164,7 @@ def prune(model: nn.Module, dataset, sparsity: float, method: str = "chita", *, 
     seconds = {"gradients": 0.0, "solve": 0.0}
     stage_log = []
     w = original.to(dev)
-    mask = None
+    mask = (w != 0) if keep_pruned else None
     objective = None
     try:
         for t, (s_t, m_t) in enumerate(plan):

@@ -35,6 +35,20 @@ def solve_inputs():
     return X, w_bar, mask
 
 
+def _finetune():
+    model = tiny_model(torch.float64)
+    masks = cm.prune(model, tiny_data(1), 0.7, "mp").masks
+    losses = cm.train_epochs(model, tiny_data(2), 2, lr=0.1, batch_size=16, masks=masks, progress=False)
+    return cm.params.flatten(model, cm.params.layout(model)), losses, masks
+
+
+def _gradual():
+    model = tiny_model(torch.float64)
+    res = cm.gradual(model, tiny_data(1), 0.8, method="chita", stages=2, epochs_per_stage=1, n_grads=12, l2=1e-2,
+                     batch_size=16, lr=0.05, progress=False)
+    return cm.params.flatten(model, cm.params.layout(model)), [h["achieved_sparsity"] for h in res.history]
+
+
 def _work(rank, world):
     """Everything the tests compare, computed on one rank (rows of X split by row_range)."""
     out = {}
@@ -51,6 +65,8 @@ def _work(rank, world):
         out["mismatch"] = "no error"
     except ValueError as e:
         out["mismatch"] = str(e)
+    out["ddp"] = _finetune()
+    out["gradual"] = _gradual()
     for method in PRUNE_CASES:
         model = tiny_model(torch.float64)  # fp64: supports compared exactly
         extra = {"stages": 3} if method == "chita++" else {}
@@ -127,6 +143,25 @@ def test_prune_under_two_ranks_equals_one_process(ranks, method):
         assert torch.equal(w_r != 0, w != 0)
         torch.testing.assert_close(w_r, w, rtol=1e-6, atol=1e-8)
         assert objective == pytest.approx(report.objective, rel=1e-8)
+
+
+def test_ddp_finetuning_keeps_pruned_weights_at_zero_and_equals_one_process(ranks):
+    w_ref, losses_ref, masks = _finetune()
+    keep = torch.cat([m.flatten() for m in masks.values()])
+    for r in ranks:
+        w, losses, _ = r["ddp"]
+        assert not bool(w[~keep].any())
+        torch.testing.assert_close(w, w_ref, rtol=1e-7, atol=1e-9)
+    # each rank reports the loss of its half of every batch; their mean is the one-process loss
+    mean = [(a + b) / 2 for a, b in zip(ranks[0]["ddp"][1], ranks[1]["ddp"][1])]
+    assert mean == pytest.approx(losses_ref, rel=1e-9)
+
+
+def test_gradual_pruning_under_two_ranks_equals_one_process(ranks):
+    w_ref, sparsities = _gradual()
+    for r in ranks:
+        torch.testing.assert_close(r["gradual"][0], w_ref, rtol=1e-6, atol=1e-8)
+        assert r["gradual"][1] == pytest.approx(sparsities)
 
 
 def test_sharded_problem_needs_a_process_group():
