@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .params import Layout, layout
+from .problem import all_finite
 
 CHUNK_BYTES = 256 * 2**20  # default chunk: about this many bytes of gradients
 
@@ -244,7 +245,7 @@ def _sample(model, dataset, n, batch_size, params, device, seed, chunk_size, los
                 x, y = _load(dataset, indices[r0:r1], dev, dtype)  # (c, bs, ...), (c, bs)
                 rows(x, y, X[r0:r1])
                 bad = [name for name, o, k in zip(lay.names, lay.offsets, lay.numels)
-                       if not _all_finite(X[r0:r1, o:o + k])]
+                       if not all_finite(X[r0:r1, o:o + k])]
                 if bad:
                     raise ValueError(f"non-finite (NaN/Inf) gradients in parameter(s) {bad} "
                                      f"for rows {r0}..{r1 - 1}")
@@ -258,13 +259,6 @@ def _sample(model, dataset, n, batch_size, params, device, seed, chunk_size, los
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
     return FisherSample(X, mean_grad, lay, indices, time.perf_counter() - t0, n_total=n_total, sharded=bool(shard))
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """True iff every entry of ``t`` is finite, without a full-size temporary when it is."""
-    # a sum is non-finite whenever an entry is (NaN propagates, Inf + -Inf = NaN);
-    # only then (or on overflow) run the exact, memory-hungry check
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _check_int(name: str, v, lo) -> None:
