@@ -43,3 +43,14 @@ def test_profile_attributes_time_to_package_functions():
                                   functions={"Xᵀr": ["rmatvec"], "top-k": ["hard_threshold"], "none": ["no_such"]})
     assert res.nnz <= 20 and seconds > 0
     assert 0 < parts["Xᵀr"] <= seconds and 0 < parts["top-k"] <= seconds and parts["none"] == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU peak memory reads /proc/self/statm")
+def test_problem_setup_adds_no_copy_of_X():
+    # validating X (NaN/Inf check) must not allocate temporaries of X's size
+    from chita_minimal import Problem
+
+    X = torch.randn(256, 2**18)  # 256 MiB
+    w = torch.randn(2**18)
+    m = measure(Problem, X, w, 0.1)
+    assert m.peak_mib < 64
