@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from .backsolve import _spd_solve, first_step_support, ridge_on_support
-from .problem import Problem, check_inputs
+from .problem import Problem, check_inputs, ridge_outside
 
 _CHUNK = 16384  # columns copied at a time when packing blocks
 _SOLVE_NUMBERS = 2**25  # fp64 numbers per batched Cholesky (bounds the memory of a chunk of blocks)
@@ -129,11 +129,9 @@ class BlockProblem(Problem):
         for c in range(0, p, _CHUNK):
             sl = slice(c, c + _CHUNK)
             Y.index_add_(0, bid[sl], (X[:, sl] * w_bar[sl]).T)
-        outside = torch.ones(p, dtype=torch.bool, device=X.device)
-        outside[idx] = False
         packed = _pack(lambda j: X[:, j].T, idx, bid, G, n, X)
         self._setup(packed, G, w_bar[idx], l2, None if alpha is None else alpha[idx], Y.flatten(),
-                    float(l2) * n / 2.0 * float(torch.sum(w_bar[outside] ** 2)), n)
+                    ridge_outside(w_bar, idx, float(l2) * n / 2.0), n)
 
     def _setup(self, packed, G, w_bar, l2, alpha, y, offset, n):
         self.buckets, self.vbid, self.vbucket, self.vrow, self.vslot = packed
@@ -185,9 +183,7 @@ class BlockProblem(Problem):
         return r.view(self.G, self.n)
 
     def restrict(self, idx: torch.Tensor) -> "BlockProblem":
-        outside = torch.ones(self.p, dtype=torch.bool, device=self.device)
-        outside[idx] = False
-        offset = self.offset + self.lam * float(torch.sum(self.w_bar[outside] ** 2))
+        offset = self.offset + ridge_outside(self.w_bar, idx, self.lam)
         sub = object.__new__(BlockProblem)
         packed = _pack(self.columns, idx, self.vbid, self.G, self.n, self.w_bar)
         sub._setup(packed, self.G, self.w_bar[idx], self.l2, None if self.alpha is None else self.alpha[idx],

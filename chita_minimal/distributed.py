@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .backsolve import ridge_on_support
-from .problem import Problem
+from .problem import Problem, ridge_outside
 
 
 def active() -> bool:
@@ -112,9 +112,7 @@ class ShardedProblem(Problem):
         return gather_rows(r).view(1, -1)
 
     def restrict(self, idx):
-        outside = torch.ones(self.p, dtype=torch.bool, device=self.device)
-        outside[idx] = False
-        offset = self.offset + self.lam * float(torch.sum(self.w_bar[outside] ** 2))
+        offset = self.offset + ridge_outside(self.w_bar, idx, self.lam)
         alpha = None if self.alpha is None else self.alpha[idx]
         return ShardedProblem(self.X[:, idx], self.w_bar[idx], self.l2, alpha, y=self.y, offset=offset,
                               n_total=self.n)
@@ -153,7 +151,8 @@ def block_backsolve_sharded(problem: ShardedProblem, k: int, blocks, support: to
     parts = make_blocks(problem.p, blocks)
     dev = problem.device
     X = problem.X  # (n_r, p) this rank's rows
-    n_max = max(b - a for a, b in (row_range(problem.n, r, world) for r in range(world)))
+    counts = [b - a for a, b in (row_range(problem.n, r, world) for r in range(world))]  # rows per rank
+    n_max = max(counts)
     mine = None
     for q in range(world):
         cols = torch.cat(parts[q::world]).to(dev) if parts[q::world] else torch.zeros(0, dtype=torch.long, device=dev)
@@ -162,7 +161,6 @@ def block_backsolve_sharded(problem: ShardedProblem, k: int, blocks, support: to
         bufs = [torch.empty_like(send) for _ in range(world)] if rank == q else None
         dist.gather(send, bufs, dst=q)
         if rank == q:
-            counts = [b - a for a, b in (row_range(problem.n, r, world) for r in range(world))]
             mine = (cols, torch.cat([buf[:c] for buf, c in zip(bufs, counts)]))  # (n, |cols|)
     cols, Xq = mine
     w = torch.zeros_like(problem.w_bar)

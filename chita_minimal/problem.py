@@ -24,6 +24,13 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
+def ridge_outside(w_bar: torch.Tensor, idx: torch.Tensor, lam: float) -> float:
+    """λ‖w̄ outside idx‖²: the ridge term of the coordinates fixed at zero when only idx stays free."""
+    outside = torch.ones(w_bar.numel(), dtype=torch.bool, device=w_bar.device)
+    outside[idx] = False
+    return lam * float(torch.sum(w_bar[outside] ** 2))
+
+
 def check_tensor(name: str, t, ndim: int) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -194,9 +201,7 @@ class Problem:
         ``restricted.objective(w[idx]) == full.objective(w)`` for any w vanishing
         outside idx. Used by the active set (Alg 4) and by fixed masks (CHITA++).
         """
-        outside = torch.ones(self.p, dtype=torch.bool, device=self.device)
-        outside[idx] = False
-        offset = self.offset + self.lam * float(torch.sum(self.w_bar[outside] ** 2))
+        offset = self.offset + ridge_outside(self.w_bar, idx, self.lam)
         alpha = None if self.alpha is None else self.alpha[idx]
         return Problem(self.X[:, idx], self.w_bar[idx], self.l2, alpha, y=self.y, offset=offset)
 

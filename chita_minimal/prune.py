@@ -152,10 +152,11 @@ def prune(model: nn.Module, dataset, sparsity: float, method: str = "chita", *, 
     else:
         plan = [(sparsity, method)]
     stage_options = dict(options)
-    if {method, stage_method if method == "chita++" else None} & set(BLOCK_METHODS):
+    solvers = {method, stage_method if method == "chita++" else None}  # the methods that solve the stages
+    if solvers & set(BLOCK_METHODS):
         stage_options["blocks"] = _layer_blocks(lay, 500 if block_size is None else block_size)
     elif block_size is not None:
-        if {method, stage_method if method == "chita++" else None}.isdisjoint({"wf", "cbs"}):
+        if solvers.isdisjoint({"wf", "cbs"}):
             raise ValueError(f"block_size is used by 'wf', 'cbs', 'chita-block' and 'chita-block-iht', "
                              f"not by method {method!r}")
         stage_options["block_size"] = block_size

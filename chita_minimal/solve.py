@@ -90,8 +90,9 @@ def solve(X: torch.Tensor, w_bar: torch.Tensor, k: int, *, l2: float = 0.0, alph
         idx = torch.nonzero(mask.to(X.device)).squeeze(1)
         if idx.numel() == 0:
             raise ValueError("mask allows no coordinate")
-        problem = problem.restrict(idx)
-    k = check_k(k, problem.p)
+        if method != "block-iht":  # block IHT restricts its own BlockProblem (keep=mask); no copy of X[:, idx] here
+            problem = problem.restrict(idx)
+    k = check_k(k, problem.p if idx is None else idx.numel())
     if method.startswith("block") and blocks is None:
         raise ValueError(f"method={method!r} needs blocks (a block size or a partition)")
     if not method.startswith("block") and blocks is not None:
