@@ -185,9 +185,9 @@ def _loop_rows(model: nn.Module, lay: Layout, loss_fn):
 # shared driver
 
 
-def _sample(model, dataset, n, batch_size, params, device, seed, chunk_size, loss_fn, progress,
-            make_rows, desc, shard=None) -> FisherSample:
-    t0 = time.perf_counter()
+def _setup(model, dataset, n, batch_size, params, seed, chunk_size, loss_fn, shard):
+    """Checks and the sample plan shared by :func:`gradients` and :func:`gradient_chunks`:
+    (layout, dtype, indices (rows here, batch_size), n_total, shard, chunk_size, loss_fn)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _check_int("n", n, 1)
@@ -199,8 +199,6 @@ def _sample(model, dataset, n, batch_size, params, device, seed, chunk_size, los
         loss_fn = F.cross_entropy
     elif not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    if device is not None and not isinstance(device, (str, torch.device)):
-        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
     if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
         raise TypeError(f"dataset must be indexable with a length (e.g. a TensorDataset), "
                         f"got {type(dataset).__name__}")
@@ -230,25 +228,38 @@ def _sample(model, dataset, n, batch_size, params, device, seed, chunk_size, los
             raise ValueError(f"n = {n} rows cannot be shared by {world} ranks (need n >= world size)")
         distributed.check_same(n=n, batch_size=batch_size, seed=seed, dataset_size=len(dataset))
         start, stop = distributed.row_range(n, rank, world)
-        indices, n = indices[start:stop], stop - start
+        indices = indices[start:stop]
     if chunk_size is None:
         row_bytes = lay.p * torch.empty((), dtype=dtype).element_size()
         chunk_size = max(1, CHUNK_BYTES // row_bytes)
-    chunk_size = min(chunk_size, n)
+    chunk_size = min(chunk_size, indices.shape[0])
+    return lay, dtype, indices, n_total, bool(shard), chunk_size, loss_fn
 
+
+def _fill(rows, lay, dataset, idx, dev, dtype, out, r0):
+    """Rows for the mini-batches idx (c, bs) into out (c, p), checked for NaN/Inf (r0: first row's number)."""
+    x, y = _load(dataset, idx, dev, dtype)  # (c, bs, ...), (c, bs)
+    rows(x, y, out)
+    bad = [name for name, o, k in zip(lay.names, lay.offsets, lay.numels) if not all_finite(out[:, o:o + k])]
+    if bad:
+        raise ValueError(f"non-finite (NaN/Inf) gradients in parameter(s) {bad} for rows {r0}..{r0 + len(idx) - 1}")
+
+
+def _sample(model, dataset, n, batch_size, params, device, seed, chunk_size, loss_fn, progress,
+            make_rows, desc, shard=None) -> FisherSample:
+    t0 = time.perf_counter()
+    if device is not None and not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+    lay, dtype, indices, n_total, shard, chunk_size, loss_fn = _setup(
+        model, dataset, n, batch_size, params, seed, chunk_size, loss_fn, shard)
+    n = indices.shape[0]
     with _prepared(model, device) as dev:
         rows = make_rows(model, lay, loss_fn)
         X = torch.empty(n, lay.p, dtype=dtype, device=dev)  # (n, p)
         with tqdm(total=n, desc=desc, unit="row", disable=not progress) as bar:
             for r0 in range(0, n, chunk_size):
                 r1 = min(n, r0 + chunk_size)
-                x, y = _load(dataset, indices[r0:r1], dev, dtype)  # (c, bs, ...), (c, bs)
-                rows(x, y, X[r0:r1])
-                bad = [name for name, o, k in zip(lay.names, lay.offsets, lay.numels)
-                       if not all_finite(X[r0:r1, o:o + k])]
-                if bad:
-                    raise ValueError(f"non-finite (NaN/Inf) gradients in parameter(s) {bad} "
-                                     f"for rows {r0}..{r1 - 1}")
+                _fill(rows, lay, dataset, indices[r0:r1], dev, dtype, X[r0:r1], r0)
                 bar.update(r1 - r0)
         if shard:
             mean_grad = X.sum(0)
@@ -258,7 +269,33 @@ def _sample(model, dataset, n, batch_size, params, device, seed, chunk_size, los
             mean_grad = X.mean(0)  # (p,)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-    return FisherSample(X, mean_grad, lay, indices, time.perf_counter() - t0, n_total=n_total, sharded=bool(shard))
+    return FisherSample(X, mean_grad, lay, indices, time.perf_counter() - t0, n_total=n_total, sharded=shard)
+
+
+def gradient_chunks(model: nn.Module, dataset, n: int, *, batch_size: int = 1, params=None, device=None,
+                    seed: int = 0, chunk_size: int = 16, loss_fn=None, progress: bool = False):
+    """The rows of :func:`gradients` (same samples for the same seed), ``chunk_size`` at a time,
+    without ever holding X: yields ``(r0, X[r0:r0 + c])`` with a (c, p) tensor that is
+    overwritten by the next chunk (copy it to keep it). For networks whose n×p matrix does not
+    fit in memory (see :mod:`chita_minimal.streaming`). Not sharded.
+    """
+    lay, dtype, indices, _, _, chunk_size, loss_fn = _setup(
+        model, dataset, n, batch_size, params, seed, chunk_size, loss_fn, False)  # checked now, not at first next()
+    return _chunks(model, dataset, lay, dtype, indices, chunk_size, loss_fn, device, progress)
+
+
+def _chunks(model, dataset, lay, dtype, indices, chunk_size, loss_fn, device, progress):
+    n = indices.shape[0]
+    with _prepared(model, device) as dev:
+        rows = _vmap_rows(model, lay, loss_fn)
+        buf = torch.empty(chunk_size, lay.p, dtype=dtype, device=dev)  # (c, p)
+        with tqdm(total=n, desc="gradients (streamed)", unit="row", disable=not progress) as bar:
+            for r0 in range(0, n, chunk_size):
+                r1 = min(n, r0 + chunk_size)
+                out = buf[:r1 - r0]
+                _fill(rows, lay, dataset, indices[r0:r1], dev, dtype, out, r0)
+                yield r0, out
+                bar.update(r1 - r0)
 
 
 def _check_int(name: str, v, lo) -> None:
