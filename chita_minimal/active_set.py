@@ -11,13 +11,14 @@ import math
 
 import torch
 
-from .backsolve import first_step_support
-from .iht import iht, line_search_step, project, support_of
+from .backsolve import first_step
+from .iht import hard_threshold, iht, line_search_step, project, support_of
 from .problem import Problem
 
 
-def active_set(problem: Problem, k: int, *, expand: float = 1.5, max_rounds: int = 10, max_iter: int = 500,
-               tol: float = 1e-7, max_halvings: int = 10, swap_candidates: int = 50, polish: bool = True):
+def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_rounds: int = 10, max_iter: int = 500,
+               tol: float = 1e-7, max_halvings: int = 10, swap_candidates: int = 50, polish: bool = True,
+               pattern=None):
     """Alg 4. Returns (w, support, trace, iterations).
 
     1. A = support of one IHT step from w̄, kept at ⌈expand·k⌉ coordinates.
@@ -35,15 +36,32 @@ def active_set(problem: Problem, k: int, *, expand: float = 1.5, max_rounds: int
        Alg 5 when that lowers f (it never raises it: it is the minimiser on the support).
 
     The trace holds f (of the full problem) after every iteration, non-increasing.
+
+    With an N:M ``pattern`` (k = pattern.k or None) every group must keep N coordinates, so A
+    cannot be a union of whole groups (that would be all of them): A holds ⌈expand·N⌉ (≤ M)
+    coordinates of every group at the start and grows by coordinates; the restricted problem on A
+    gets ``pattern.restrict(A)``, groups renumbered, some shorter than M. Thresholding, τ_c and
+    the support fill-up are those of the pattern, and the swap of step 4 stays within one group
+    (j among the ``swap_candidates`` largest pruned gradients, i among the kept weights of j's
+    group); when no swap pays with the other weights fixed, the best one is refit by one exact
+    ridge solve on its support and taken if f decreases. Every iterate is feasible and f still
+    never increases.
     """
     p = problem.p
-    active = first_step_support(problem, min(p, math.ceil(expand * k)))
-    w, _ = project(problem.w_bar * active, k)  # only w[A] is used below
+    u = first_step(problem)
+    if pattern is None:
+        active = hard_threshold(u, min(p, math.ceil(expand * k)))
+    else:
+        k = pattern.check_k(k)
+        active = pattern.keep_top(u, min(pattern.m, math.ceil(expand * pattern.n)))
+    w, _ = project(problem.w_bar * active, k, pattern)  # only w[A] is used below
     trace, iterations = [], 0
     for _ in range(max_rounds):
         idx = torch.nonzero(active).squeeze(1)
         sub = problem.restrict(idx)
-        w_sub, _, sub_trace, it = iht(sub, k, w[idx], line_search=True, max_iter=max_iter, tol=tol)
+        sub_pattern = None if pattern is None else pattern.restrict(idx)
+        w_sub, _, sub_trace, it = iht(sub, k, w[idx], line_search=True, max_iter=max_iter, tol=tol,
+                                      pattern=sub_pattern)
         iterations += it
         trace.extend(sub_trace if not trace else sub_trace[1:])
         w = torch.zeros_like(w)
@@ -59,17 +77,17 @@ def active_set(problem: Problem, k: int, *, expand: float = 1.5, max_rounds: int
         accepted = None
         for _ in range(max_halvings + 1):
             u = w - tau * g
-            w_new, mask = project(u, k)
+            w_new, mask = project(u, k, pattern)
             f_new = problem.objective(w_new)
             if f_new < f - tol * abs(f):
                 accepted = (w_new, mask, f_new)
                 break
             tau /= 2.0
-        w_ls, mask_ls, _, f_ls = line_search_step(problem, w, r, f, k, tol)
+        w_ls, mask_ls, _, f_ls = line_search_step(problem, w, r, f, k, tol, pattern=pattern)
         if f_ls < f - tol * abs(f) and (accepted is None or f_ls < accepted[2]):
             accepted = (w_ls, w_ls != 0, f_ls)
         if accepted is None and swap_candidates > 0:
-            accepted = _best_swap(problem, w, r, g, f, swap_candidates, tol)
+            accepted = _best_swap(problem, w, r, g, f, swap_candidates, tol, pattern)
         if accepted is None:
             break
         w, mask, f_new = accepted
@@ -78,7 +96,7 @@ def active_set(problem: Problem, k: int, *, expand: float = 1.5, max_rounds: int
         if not bool((mask & ~active).any()):
             continue  # improvement inside A: IHT resumes from the new point
         active |= mask
-    support = support_of(w, k)
+    support = support_of(w, k, pattern)
     if polish:
         w_ridge = problem.ridge(support)
         f_ridge = problem.objective(w_ridge)
@@ -88,19 +106,29 @@ def active_set(problem: Problem, k: int, *, expand: float = 1.5, max_rounds: int
     return w, support, trace, iterations
 
 
-def _best_swap(problem: Problem, w, r, g, f, m: int, tol: float):
+def _best_swap(problem: Problem, w, r, g, f, m: int, tol: float, pattern=None):
     """Best swap i ∈ S → j ∉ S with the other weights fixed, in closed form.
 
     Removing i changes f by  c_i = rᵀX_i w_i + ½‖X_i‖²w_i² + λ(w̄_i² − (w_i − w̄_i)²) − α_i w_i;
     then the best value t of w_j lowers f by ½ b²/a with a = ‖X_j‖² + 2λ and
-    b = X_jᵀ(r + X_i w_i) + 2λ w̄_j − α_j (t = b/a). Returns (w, support, f) or None.
+    b = X_jᵀ(r + X_i w_i) + 2λ w̄_j − α_j (t = b/a). With an N:M ``pattern`` only swaps
+    within one group are allowed (i is a kept weight of j's group), and when none lowers f with
+    the other weights fixed, the best one is refit exactly (the ridge solve of Alg 5 on the swapped
+    support, one solve) and taken if that lowers f. Returns (w, support, f) or None.
     """
     S = torch.nonzero(w).squeeze(1)
     out = torch.nonzero(w == 0).squeeze(1)
     if S.numel() == 0 or out.numel() == 0:
         return None
-    I = S[torch.topk(w[S].abs(), min(m, S.numel()), largest=False).indices]  # smallest kept
     J = out[torch.topk(g[out].abs(), min(m, out.numel())).indices]  # largest pruned gradients
+    if pattern is None:
+        I = S[torch.topk(w[S].abs(), min(m, S.numel()), largest=False).indices]  # smallest kept
+    else:  # the kept weights of the groups of J
+        members = pattern.groups[pattern.group_of[J]].flatten()
+        members = members[members >= 0]
+        I = torch.unique(members[w[members] != 0])
+        if I.numel() == 0:
+            return None
     lam, w_bar = problem.lam, problem.w_bar
     CI, CJ = problem.columns(I), problem.columns(J)  # (m, n): the columns X_i, X_j as rows
     bI, bJ = problem.column_blocks(I), problem.column_blocks(J)  # residual block each column acts on
@@ -114,11 +142,20 @@ def _best_swap(problem: Problem, w, r, g, f, m: int, tol: float):
     cross = (CJ @ CI.T) * (bJ.unsqueeze(1) == bI.unsqueeze(0))  # X_jᵀX_i, zero across blocks
     b = ((CJ * R[bJ]).sum(1) + 2 * lam * w_bar[J] - alpha_J).unsqueeze(1) + cross * wI  # (mJ, mI)
     gain = c.unsqueeze(0) - 0.5 * b**2 / a.unsqueeze(1)  # change of f for each (j, i)
+    if pattern is not None:  # a swap across groups would break the pattern
+        same = pattern.group_of[J].unsqueeze(1) == pattern.group_of[I].unsqueeze(0)
+        gain = torch.where(same, gain, torch.full_like(gain, float("inf")))
     best = int(torch.argmin(gain))
-    if float(gain.flatten()[best]) >= -tol * abs(f):
+    change = float(gain.flatten()[best])
+    if change >= -tol * abs(f) and (pattern is None or change == math.inf):
         return None
     j, i = divmod(best, I.numel())
     w_new = w.clone()
     w_new[I[i]] = 0.0
     w_new[J[j]] = b[j, i] / a[j]
-    return w_new, w_new != 0, problem.objective(w_new)
+    if change < -tol * abs(f):
+        return w_new, w_new != 0, problem.objective(w_new)
+    # N:M: with the other weights fixed no swap pays; refit the best one exactly on its support (Alg 5)
+    w_new = problem.ridge(pattern.support_of(w_new))
+    f_new = problem.objective(w_new)
+    return (w_new, w_new != 0, f_new) if f_new < f - tol * abs(f) else None

@@ -11,18 +11,21 @@ from .active_set import active_set
 from .backsolve import backsolve, first_step_support
 from .blocks import BlockProblem, block_backsolve
 from .iht import iht
+from .patterns import NM
 from .problem import Problem, check_k
 
 METHODS = ("active", "iht", "iht-fixed", "backsolve", "block", "block-iht")
+PATTERN_METHODS = ("active", "iht", "iht-fixed", "backsolve")  # the methods that take an N:M pattern
 
 
 @dataclass
 class SolveResult:
     """What a solver returns.
 
-    w: (p,) weights with at most k nonzeros; support: (p,) bool mask of the k kept
-    coordinates; objective: f(w) of problem (P); trace: f after every iteration
-    (one entry for closed-form methods); iterations; seconds: wall time of the solve.
+    w: (p,) weights with at most k nonzeros (at most N per group with an N:M pattern);
+    support: (p,) bool mask of the k kept coordinates; objective: f(w) of problem (P);
+    trace: f after every iteration (one entry for closed-form methods); iterations;
+    seconds: wall time of the solve.
     """
 
     w: torch.Tensor
@@ -43,9 +46,10 @@ def _sync(t: torch.Tensor) -> None:
         torch.cuda.synchronize(t.device)
 
 
-def solve(X: torch.Tensor, w_bar: torch.Tensor, k: int, *, l2: float = 0.0, alpha: torch.Tensor | None = None,
-          method: str = "active", blocks=None, max_iter: int = 500, tol: float = 1e-7,
-          mask: torch.Tensor | None = None, distributed: bool = False, **options) -> SolveResult:
+def solve(X: torch.Tensor, w_bar: torch.Tensor, k: int | None = None, *, l2: float = 0.0,
+          alpha: torch.Tensor | None = None, method: str = "active", blocks=None, max_iter: int = 500,
+          tol: float = 1e-7, mask: torch.Tensor | None = None, distributed: bool = False, pattern: NM | None = None,
+          **options) -> SolveResult:
     """Solve problem (P) for k nonzeros with one of CHITA's algorithms.
 
     ``objective`` of the result is f(w) of the full problem (P) for every method; the
@@ -53,7 +57,8 @@ def solve(X: torch.Tensor, w_bar: torch.Tensor, k: int, *, l2: float = 0.0, alph
 
     Args:
         X: (n, p) gradient matrix (float32/float64, any device); w_bar: (p,) weights.
-        k: number of weights to keep, 1 ≤ k ≤ p (or ≤ the number allowed by ``mask``).
+        k: number of weights to keep, 1 ≤ k ≤ p (or ≤ the number allowed by ``mask``); with a
+            ``pattern``, None or pattern.k.
         l2: ridge weight (λ = l2·n/2); alpha: optional (p,) first-order term.
         method: "active" (Alg 4), "iht" (Alg 3 with the Alg 2 line search),
             "iht-fixed" (Alg 3 with step 1/L), "backsolve" (Alg 5), "block" (Alg 6: support of
@@ -68,10 +73,21 @@ def solve(X: torch.Tensor, w_bar: torch.Tensor, k: int, *, l2: float = 0.0, alph
             process group (see :mod:`chita_minimal.distributed`); every rank must call with its
             rows and the same w_bar, k, l2 and method, and gets the same result. Methods
             "active", "iht", "iht-fixed", "backsolve" and "block" (blocks dealt out to the ranks).
+        pattern: an N:M constraint (:class:`chita_minimal.patterns.NM`) instead of global top-k:
+            exactly N kept in every group. Methods "active", "iht", "iht-fixed" and "backsolve";
+            not with ``mask`` or ``distributed``.
         options: passed to the method (e.g. ``expand``, ``max_rounds``, ``polish`` for "active").
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    if pattern is not None:
+        if not isinstance(pattern, NM):
+            raise TypeError(f"pattern must be a chita_minimal.patterns.NM or None, got {type(pattern).__name__}")
+        unsupported = [what for what, bad in ((f"method={method!r}", method not in PATTERN_METHODS),
+                                              ("mask", mask is not None), ("distributed=True", distributed)) if bad]
+        if unsupported:
+            raise NotImplementedError(f"{' and '.join(unsupported)} is not supported with an N:M pattern "
+                                      f"(methods: {', '.join(PATTERN_METHODS)}; no mask, not distributed)")
     if distributed:
         from .distributed import ShardedProblem, block_backsolve_sharded, check_same
 
@@ -92,7 +108,14 @@ def solve(X: torch.Tensor, w_bar: torch.Tensor, k: int, *, l2: float = 0.0, alph
             raise ValueError("mask allows no coordinate")
         if method != "block-iht":  # block IHT restricts its own BlockProblem (keep=mask); no copy of X[:, idx] here
             problem = problem.restrict(idx)
-    k = check_k(k, problem.p if idx is None else idx.numel())
+    if pattern is None:
+        k = check_k(k, problem.p if idx is None else idx.numel())
+    else:
+        if pattern.p != problem.p:
+            raise ValueError(f"pattern covers p = {pattern.p} coordinates but w_bar has {problem.p}")
+        k = pattern.check_k(k)
+        pattern = pattern.to(X.device)
+        options = {"pattern": pattern, **options}
     if method.startswith("block") and blocks is None:
         raise ValueError(f"method={method!r} needs blocks (a block size or a partition)")
     if not method.startswith("block") and blocks is not None:

@@ -1,0 +1,100 @@
+"""Saliency baselines on the flat weights: SNIP, first-order Taylor, L1-norm filter pruning.
+
+Same data as CHITA and the baselines of :mod:`chita_minimal.baselines`: the flat prunable weights
+w̄ (p,) and the gradient matrix X (n, p), row i = gradient of the loss on mini-batch i (as
+``fisher.gradients`` makes it). Each returns ``Pruned(w, support)``: w = w̄ on the support, exactly
+0.0 elsewhere; no weight is updated. Top-k ties: the lower index is kept (``iht.hard_threshold``).
+
+- :func:`snip`      — |ḡ ⊙ w̄|, ḡ the mean gradient (Lee et al. 2019, connection sensitivity).
+- :func:`taylor`    — mean_i (g_i ⊙ w̄)² (Molchanov et al. 2019, first-order Taylor importance).
+- :func:`l1_filter` — whole output filters of least L1 norm, per layer (Li et al. 2017).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .baselines.mp import Pruned, _finish
+from .iht import hard_threshold
+from .params import Layout, split
+from .problem import check_k, check_tensor, num_kept
+
+
+def _check(X, w_bar, k) -> None:
+    check_tensor("X", X, 2)
+    check_tensor("w_bar", w_bar, 1)
+    if w_bar.shape[0] != X.shape[1]:
+        raise ValueError(f"w_bar has {w_bar.shape[0]} entries but X has p = {X.shape[1]} columns")
+    if w_bar.dtype != X.dtype or w_bar.device != X.device:
+        raise TypeError(f"w_bar ({w_bar.dtype}, {w_bar.device}) must match X ({X.dtype}, {X.device})")
+    check_k(k, X.shape[1])
+
+
+def snip(X: torch.Tensor, w_bar: torch.Tensor, k: int) -> Pruned:
+    """SNIP (Lee et al. 2019): keep the k largest connection sensitivities |ḡ_q · w̄_q|.
+
+    ḡ = mean of the rows of X (the gradient of the mean loss over the sampled data). SNIP's
+    normalisation by Σ|ḡ ⊙ w̄| does not change the ranking and is omitted.
+
+    Args:
+        X: (n, p) per-sample (or per-mini-batch) gradients; w_bar: (p,) dense weights; 1 ≤ k ≤ p.
+    """
+    _check(X, w_bar, k)
+    return _finish(w_bar, hard_threshold(X.mean(0) * w_bar, k))  # (p,)
+
+
+def taylor(X: torch.Tensor, w_bar: torch.Tensor, k: int) -> Pruned:
+    """First-order Taylor importance (Molchanov et al. 2019, eq. 8 per weight): keep the k largest
+    I_q = (1/n) Σ_i (g_iq · w̄_q)².
+
+    I_q = diag(F)_q · w̄_q² with F = XᵀX/n the empirical Fisher: the OBD saliency with the diagonal
+    Fisher as Hessian, without OBD's factor ½ (which does not change the ranking).
+
+    Args:
+        X: (n, p) per-sample (or per-mini-batch) gradients; w_bar: (p,) dense weights; 1 ≤ k ≤ p.
+    """
+    _check(X, w_bar, k)
+    score = X.pow(2).mean(0) * w_bar.pow(2)  # (p,) never forms the (n, p) product
+    return _finish(w_bar, hard_threshold(score, k))
+
+
+def l1_filter(w_bar: torch.Tensor, layout: Layout, sparsity: float, *, skip=(), linear: bool = False) -> Pruned:
+    """L1-norm filter pruning (Li et al. 2017), structured, the same fraction in every layer.
+
+    For every convolution weight (a layout entry with ≥ 3 dims: (out, in, *kernel)) the output
+    filters W[f] are ranked by ‖W[f]‖₁ and the smallest are zeroed: the layer keeps
+    num_kept(sparsity, out) = round((1 − sparsity)·out) filters (at least one), i.e. it loses about
+    round(sparsity·out). With ``linear=True`` the rows (output neurons) of 2-d weights are pruned the
+    same way. Everything else — Linear weights by default (e.g. the final classifier), 1-d parameters,
+    and the names in ``skip`` — stays dense, so the fraction of weights removed, 1 − support.mean(),
+    is below ``sparsity`` (it is Σ_pruned layers removed_filters·(in·kh·kw) / p). Filter ties: the
+    lower index is kept. Note: only the weights are zeroed; a bias or BatchNorm shift of a removed
+    filter still contributes a constant output.
+
+    Args:
+        w_bar: (p,) flat weights in ``layout`` order; layout: from ``params.layout(model)``.
+        sparsity: fraction of filters removed per layer, in [0, 1).
+        skip: layout names left dense.
+    Returns:
+        ``Pruned(w, support)``: support is False on exactly the weights of the removed filters.
+    """
+    check_tensor("w_bar", w_bar, 1)
+    if not isinstance(layout, Layout):
+        raise TypeError(f"layout must be a params.Layout, got {type(layout).__name__}")
+    if w_bar.numel() != layout.p:
+        raise ValueError(f"w_bar has {w_bar.numel()} entries but the layout has p = {layout.p}")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    if isinstance(skip, str):
+        skip = (skip,)
+    unknown = sorted(set(skip) - set(layout.names))
+    if unknown:
+        raise ValueError(f"skip names {unknown} are not in the layout {list(layout.names)}")
+    support = torch.ones_like(w_bar, dtype=torch.bool)  # (p,)
+    for (name, W), mask in zip(split(layout, w_bar).items(), split(layout, support).values()):
+        if name in skip or W.dim() < 2 or (W.dim() == 2 and not linear):
+            continue
+        norms = W.abs().reshape(W.shape[0], -1).sum(1)  # (out,) L1 norm of each filter
+        kept = hard_threshold(norms, num_kept(float(sparsity), W.shape[0]))  # (out,)
+        mask[~kept] = False  # view of support: whole filters
+    return _finish(w_bar, support)
