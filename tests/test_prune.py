@@ -32,7 +32,7 @@ def test_five_lines(mnist):
     assert acc > 0.9
 
 
-@pytest.mark.parametrize("method", PRUNE_METHODS)
+@pytest.mark.parametrize("method", [m for m in PRUNE_METHODS if m != "l1-filter"])  # structured: whole filters
 def test_every_method_hits_the_sparsity_exactly(method, mnist, mlpnet):
     train, _ = mnist
     opts = dict(stages=3) if method == "chita++" else {}
