@@ -14,20 +14,13 @@ from __future__ import annotations
 
 import torch
 
-from .baselines.mp import Pruned, _finish
+from .baselines.mp import Pruned, _finish, check_data
 from .iht import hard_threshold
 from .params import Layout, split
-from .problem import check_k, check_tensor, num_kept
+from .problem import check_tensor, num_kept
 
 
-def _check(X, w_bar, k) -> None:
-    check_tensor("X", X, 2)
-    check_tensor("w_bar", w_bar, 1)
-    if w_bar.shape[0] != X.shape[1]:
-        raise ValueError(f"w_bar has {w_bar.shape[0]} entries but X has p = {X.shape[1]} columns")
-    if w_bar.dtype != X.dtype or w_bar.device != X.device:
-        raise TypeError(f"w_bar ({w_bar.dtype}, {w_bar.device}) must match X ({X.dtype}, {X.device})")
-    check_k(k, X.shape[1])
+_check = check_data  # X (n, p), w_bar (p,), same dtype/device, 1 ≤ k ≤ p
 
 
 def snip(X: torch.Tensor, w_bar: torch.Tensor, k: int) -> Pruned:

@@ -132,8 +132,8 @@ def block_backsolve_streamed(model, dataset, sparsity: float, *, n_grads: int = 
         for bk in buckets:
             XS = Xc[:, bk.safe] * bk.valid  # (c, g, s)
             XS = XS.permute(1, 2, 0).to(accum_dtype)  # (g, s, c)
-            bk.G += torch.bmm(XS, XS.transpose(1, 2))
-            bk.h += torch.bmm(XS, r[:, bk.blocks].T.unsqueeze(-1).to(accum_dtype)).squeeze(-1)
+            bk.G.baddbmm_(XS, XS.transpose(1, 2))  # in place: no temporary the size of the Grams
+            bk.h.unsqueeze(-1).baddbmm_(XS, r[:, bk.blocks].T.unsqueeze(-1).to(accum_dtype))
         t0 = time.perf_counter()
         seconds["accumulate"] += t0 - t1
     seconds["gradients"] += time.perf_counter() - t0

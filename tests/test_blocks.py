@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from chita_minimal import Problem, solve
-from chita_minimal.active_set import active_set
 from chita_minimal.blocks import BlockProblem, block_backsolve, block_backsolve_looped, make_blocks
 from conftest import random_problem
 

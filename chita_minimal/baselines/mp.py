@@ -45,7 +45,13 @@ def _check_positive(name: str, value, *, integer: bool, minimum: float = 0.0, st
 
 
 def _check_inputs(X, w_bar, k, l2) -> None:
-    """Checks for the Fisher-based baselines: X (n, p) and w_bar (p,) float, same dtype/device."""
+    """Checks for the Fisher-based baselines: X (n, p) and w_bar (p,) float, same dtype/device; l2 > 0."""
+    check_data(X, w_bar, k)
+    _check_positive("l2", l2, integer=False)
+
+
+def check_data(X, w_bar, k) -> None:
+    """X (n, p) and w_bar (p,) float, same dtype and device; 1 ≤ k ≤ p."""
     check_tensor("X", X, 2)
     check_tensor("w_bar", w_bar, 1)
     if w_bar.shape[0] != X.shape[1]:
@@ -53,7 +59,6 @@ def _check_inputs(X, w_bar, k, l2) -> None:
     if w_bar.dtype != X.dtype or w_bar.device != X.device:
         raise TypeError(f"w_bar ({w_bar.dtype}, {w_bar.device}) must match X ({X.dtype}, {X.device})")
     check_k(k, X.shape[1])
-    _check_positive("l2", l2, integer=False)
 
 
 def _finish(w: torch.Tensor, support: torch.Tensor) -> Pruned:
