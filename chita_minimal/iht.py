@@ -169,7 +169,7 @@ def fixed_step(problem: Problem, w, r, f, k, tol, cg=None, pattern=None):
 
 
 def iht(problem: Problem, k: int | None, w0: torch.Tensor | None = None, *, line_search: bool = True,
-        max_iter: int = 500, tol: float = 1e-7, pattern=None):
+        max_iter: int = 500, tol: float = 1e-7, pattern=None, refit: int | None = None):
     """IHT for (P) (Alg 3); step size by line search (Alg 2) or fixed 1/L.
 
     Starts from ``w0`` thresholded to k (default H_k(w̄), the magnitude-pruning
@@ -177,6 +177,11 @@ def iht(problem: Problem, k: int | None, w0: torch.Tensor | None = None, *, line
     ``max_iter`` iterations. Returns (w, support, trace, iterations) where trace holds
     f at the start and after every iteration (non-increasing for the line search).
     With an N:M ``pattern`` (:class:`chita_minimal.patterns.NM`), k is None or pattern.k.
+
+    ``refit``: after this many consecutive iterations on an unchanged support, jump to the
+    exact minimiser on that support (the restricted ridge solve of Alg 5) when it lowers f,
+    instead of converging to it step by step — many iterations on an ill-conditioned
+    support (small l2, n < k) become one solve. None: never.
     """
     if pattern is not None:
         k = pattern.check_k(k)
@@ -188,8 +193,18 @@ def iht(problem: Problem, k: int | None, w0: torch.Tensor | None = None, *, line
     step = line_search_step if line_search else fixed_step
     cg = {}
     it = 0
+    stable = 0
     for it in range(1, max_iter + 1):
-        w, support, r, f_new = step(problem, w, r, f, k, tol, cg, pattern)
+        w, new_support, r, f_new = step(problem, w, r, f, k, tol, cg, pattern)
+        stable = stable + 1 if torch.equal(new_support, support) else 0
+        support = new_support
+        if refit and stable == refit:  # the support has settled: solve on it exactly
+            w_r = problem.ridge(support_of(w, k, pattern))
+            r_r = problem.residual(w_r)
+            f_r = problem.objective(w_r, r_r)
+            if f_r < f_new:
+                w, r, f_new = w_r, r_r, f_r
+                cg.clear()
         trace.append(f_new)
         converged = abs(f - f_new) <= tol * max(abs(f), 1e-30)
         f = f_new

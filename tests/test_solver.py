@@ -260,3 +260,28 @@ def test_sparsity_out_of_range(s):
 def test_num_kept():
     assert num_kept(0.9, 32360) == 3236
     assert num_kept(0.0, 10) == 10
+
+
+def test_refit_keeps_the_objective_monotone_and_ends_optimal_on_its_support():
+    from chita_minimal.backsolve import ridge_on_support
+    from chita_minimal.iht import iht
+    from chita_minimal.problem import Problem
+
+    for seed in range(4):
+        X, w_bar = random_problem(n=30, p=60, seed=seed)  # n < k: an ill-conditioned support, slow for plain IHT
+        prob = Problem(X, w_bar, 1e-4)
+        w_plain, s_plain, t_plain, it_plain = iht(prob, 40, max_iter=2000)
+        w, s, trace, it = iht(prob, 40, max_iter=2000, refit=3)
+        assert all(b <= a + 1e-12 * abs(a) for a, b in zip(trace, trace[1:]))
+        assert it <= it_plain
+        torch.testing.assert_close(w, ridge_on_support(prob, s), rtol=1e-6, atol=1e-8)  # exact on its support
+        if torch.equal(s, s_plain):  # same support: the same weights, reached in fewer iterations
+            torch.testing.assert_close(w, ridge_on_support(prob, s_plain), rtol=1e-6, atol=1e-8)
+
+
+def test_active_set_refit_option_reaches_the_plain_optimum_on_a_settled_support():
+    X, w_bar = random_problem(n=25, p=50, seed=7)
+    plain = solve(X, w_bar, 40, l2=1e-4, method="active")
+    fast = solve(X, w_bar, 40, l2=1e-4, method="active", refit=3)
+    assert fast.objective <= plain.objective * (1 + 1e-3)
+    assert int(fast.support.sum()) == 40
