@@ -102,3 +102,45 @@ def profile(fn, *args, functions: dict[str, list[str]], **kwargs) -> tuple[Any, 
         parts[label] = sum(v[3] for (f, _, name), v in stats.items()
                            if name in names and "chita_minimal" in f.replace("\\", "/"))
     return result, seconds, parts
+
+
+@dataclass
+class Latency:
+    """Inference latency of a model: median and the spread of ``repeats`` timed runs, in milliseconds."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    batch_size: int
+    repeats: int
+
+
+def latency(model, input_shape, *, batch_size: int = 1, repeats: int = 30, warmup: int = 5, device=None,
+            seed: int = 0) -> Latency:
+    """Wall time of one forward pass of ``model`` on a random batch (``batch_size``, *input_shape),
+    under ``torch.inference_mode`` in eval mode: median (and 10th/90th percentiles) of ``repeats``
+    runs after ``warmup`` untimed ones. CUDA is synchronised around each run. The model's
+    train/eval mode is restored."""
+    for name, v, lo in (("batch_size", batch_size, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    x = torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(seed)).to(dev)
+    was_training = model.training
+    model.eval()
+    times = []
+    try:
+        with torch.inference_mode():
+            for i in range(warmup + repeats):
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                t0 = time.perf_counter()
+                model(x)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                if i >= warmup:
+                    times.append(1000 * (time.perf_counter() - t0))
+    finally:
+        model.train(was_training)
+    t = torch.tensor(times)
+    return Latency(float(t.median()), float(t.quantile(0.1)), float(t.quantile(0.9)), batch_size, repeats)

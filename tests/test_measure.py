@@ -54,3 +54,16 @@ def test_problem_setup_adds_no_copy_of_X():
     w = torch.randn(2**18)
     m = measure(Problem, X, w, 0.1)
     assert m.peak_mib < 64
+
+
+def test_latency_of_a_small_model():
+    from torch import nn
+
+    from chita_minimal.measure import latency
+
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10)).train()
+    lat = latency(model, (32,), batch_size=8, repeats=7, warmup=1)
+    assert 0 < lat.p10_ms <= lat.median_ms <= lat.p90_ms and lat.batch_size == 8 and lat.repeats == 7
+    assert model.training  # mode restored
+    with pytest.raises(ValueError, match="repeats"):
+        latency(model, (32,), repeats=0)
