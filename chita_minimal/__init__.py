@@ -9,7 +9,7 @@ Five lines from a trained model to a pruned one::
 """
 
 from . import (baselines, data, fisher, imagenet, layerwise, lowrank, measure, models, params, patterns, quantize,
-               saliency, sparse_training, streaming, structured, train)
+               saliency, sosp, sparse_training, streaming, structured, train)
 from .evaluate import evaluate, recalibrate_bn
 from .fisher import gradients
 from .train import GradualResult, gradual, train_epochs
@@ -24,7 +24,7 @@ from .utils import device, seed_everything
 __version__ = "0.1.0"
 
 __all__ = ["baselines", "data", "fisher", "imagenet", "layerwise", "lowrank", "measure", "models", "patterns", "quantize",
-           "saliency", "structured",
+           "saliency", "sosp", "structured",
            "sparse_training", "streaming", "train", "params", "evaluate", "recalibrate_bn", "gradients", "gradual", "GradualResult", "train_epochs",
            "hard_threshold", "MaskKeeper", "Problem", "num_kept", "PRUNE_METHODS", "PruneReport", "prune",
            "SCHEDULES", "schedule", "METHODS", "SolveResult", "solve", "device", "seed_everything"]
