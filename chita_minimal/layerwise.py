@@ -184,6 +184,21 @@ def calibration_hessians(model: nn.Module, dataset, n_samples: int, *, batch_siz
 # SparseGPT on one layer
 
 
+def inverse_hessian_factor(H: torch.Tensor, W: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor U of the damped H⁻¹ (H⁻¹ = UᵀU), in W's dtype: the OBS machinery shared by
+    SparseGPT and OBQ. Dead inputs (H_jj = 0) get H_jj = 1 and their column of W (modified in place)
+    is zeroed; then H += percdamp·mean(diag H)·I. Cholesky in fp64."""
+    H = H.detach().to(torch.float64).clone()  # (cols, cols)
+    dead = H.diagonal() == 0  # (cols,) inputs that were always 0
+    H.diagonal()[dead] = 1.0
+    W[:, dead] = 0
+    H.diagonal().add_(percdamp * H.diagonal().mean())
+    L, info = torch.linalg.cholesky_ex(H)
+    if info:
+        raise ValueError("H is not positive definite after damping: increase percdamp")
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).to(W.dtype)
+
+
 def sparsegpt_layer(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = None, *, pattern=None,
                     mask: torch.Tensor | None = None, blocksize: int = 128,
                     percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,15 +258,7 @@ def sparsegpt_layer(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = N
 
     out_dtype, dt = W.dtype, (torch.float64 if W.dtype == torch.float64 else torch.float32)
     W = W.detach().to(dt).clone()  # (rows, cols), updated in place
-    H = H.detach().to(torch.float64).clone()  # (cols, cols)
-    dead = H.diagonal() == 0  # (cols,) inputs that were always 0
-    H.diagonal()[dead] = 1.0
-    W[:, dead] = 0
-    H.diagonal().add_(percdamp * H.diagonal().mean())
-    L, info = torch.linalg.cholesky_ex(H)
-    if info:
-        raise ValueError("H is not positive definite after damping: increase percdamp")
-    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).to(dt)  # (cols, cols), H⁻¹ = UᵀU
+    U = inverse_hessian_factor(H, W, percdamp)  # (cols, cols), H⁻¹ = UᵀU; dead columns of W zeroed
     keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device) if mask is None else mask.to(W.device).clone()
 
     for i1 in range(0, cols, blocksize):

@@ -35,7 +35,7 @@ from torch import nn
 
 from .fisher import _prepared
 from .layerwise import (_check_int, _check_matrix, _check_sparsity, _error, _layer_modules, calibration_hessians,
-                        sparsegpt_layer)
+                        inverse_hessian_factor, sparsegpt_layer)
 
 
 def _check_bits(bits) -> int:
@@ -130,15 +130,7 @@ def obq_layer(W: torch.Tensor, H: torch.Tensor, bits: int, *, percdamp: float = 
     W[~keep] = 0
     scale, zero = quant_grid(W, bits, symmetric=symmetric)  # (rows, 1) each, from the W given
     scale, zero = scale[:, 0], zero[:, 0]  # (rows,)
-    H = H.detach().to(torch.float64).clone()  # (cols, cols)
-    dead = H.diagonal() == 0
-    H.diagonal()[dead] = 1.0
-    W[:, dead] = 0
-    H.diagonal().add_(percdamp * H.diagonal().mean())
-    L, info = torch.linalg.cholesky_ex(H)
-    if info:
-        raise ValueError("H is not positive definite after damping: increase percdamp")
-    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).to(dt)  # (cols, cols), H⁻¹ = UᵀU
+    U = inverse_hessian_factor(H, W, percdamp)  # (cols, cols), H⁻¹ = UᵀU; dead columns of W zeroed
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
