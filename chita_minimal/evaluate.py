@@ -16,14 +16,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from .data import NORMALIZATIONS
-
-
-def _check_int(arg: str, value, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{arg} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{arg} must be >= {low}, got {value}")
-    return value
+from .utils import check_int as _check_int
 
 
 def _check_inputs(model, dataset) -> int:

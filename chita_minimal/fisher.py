@@ -31,6 +31,7 @@ from tqdm import tqdm
 from . import distributed
 from .params import Layout, layout
 from .problem import all_finite
+from .utils import check_int as _check_int
 
 CHUNK_BYTES = 256 * 2**20  # default chunk: about this many bytes of gradients
 
@@ -296,13 +297,6 @@ def _chunks(model, dataset, lay, dtype, indices, chunk_size, loss_fn, device, pr
                 _fill(rows, lay, dataset, indices[r0:r1], dev, dtype, out, r0)
                 yield r0, out
                 bar.update(r1 - r0)
-
-
-def _check_int(name: str, v, lo) -> None:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if lo is not None and v < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {v}")
 
 
 def _check_finite_model(model: nn.Module) -> None:

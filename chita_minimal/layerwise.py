@@ -28,8 +28,9 @@ from torch import nn
 
 from .evaluate import _batches
 from .fisher import _prepared
-from .params import resolve
+from .params import owners
 from .problem import num_kept
+from .utils import check_int as _check_int
 
 
 # -----------------------------------------------------------------------------
@@ -47,14 +48,6 @@ def _check_sparsity(name: str, s) -> float:
     if not 0.0 <= s < 1.0:
         raise ValueError(f"{name} must lie in [0, 1), got {s}")
     return float(s)
-
-
-def _check_int(name: str, v, lo: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {v}")
-    return v
 
 
 def _check_pattern(pattern) -> tuple[int, int]:
@@ -78,12 +71,8 @@ def _check_matrix(name: str, t, ndim: int = 2) -> None:
 
 def _layer_modules(model: nn.Module, names) -> dict[str, nn.Module]:
     """The Linear / Conv2d module owning each weight name; clear errors for anything else."""
-    names = resolve(model, names)
-    mods = dict(model.named_modules())
     out = {}
-    for name in names:
-        owner, _, attr = name.rpartition(".")
-        m = mods.get(owner)
+    for name, (m, attr) in owners(model, names).items():
         if attr != "weight" or not isinstance(m, (nn.Linear, nn.Conv2d)):
             raise ValueError(f"{name!r} is not the weight of a Linear or Conv2d layer ({type(m).__name__}); "
                              "layer-wise pruning supports those only: exclude it via names")
@@ -144,7 +133,7 @@ def calibration_hessians(model: nn.Module, dataset, n_samples: int, *, batch_siz
     mods = _layer_modules(model, names)
     _check_int("n_samples", n_samples)
     _check_int("batch_size", batch_size)
-    _check_int("seed", seed, lo=-2**63)
+    _check_int("seed", seed, low=-2**63)
     if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
         raise TypeError(f"dataset must be indexable with a length, got {type(dataset).__name__}")
     if n_samples > len(dataset):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .params import resolve
+from .params import owners
 
 
 # -----------------------------------------------------------------------------
@@ -144,12 +144,8 @@ def factorize(layer: nn.Module, rank: int, groups: int = 1) -> nn.Sequential:
 
 def _layers(model: nn.Module, names, groups) -> dict[str, tuple[nn.Module, int]]:
     """{weight name: (module, groups)} for the named weights (default: every Linear/Conv weight)."""
-    names = resolve(model, names)
-    mods = dict(model.named_modules())
     out = {}
-    for name in names:
-        owner, _, attr = name.rpartition(".")
-        m = mods.get(owner)
+    for name, (m, attr) in owners(model, names).items():
         if attr != "weight":
             raise ValueError(f"{name!r} is not the weight of a layer: only Linear/Conv2d weights can be factorized")
         _check_layer(name, m)
@@ -236,8 +232,7 @@ def compress(model: nn.Module, compression: float, names=None, groups: int | dic
         rows[name] = dict(rank=r, groups=j, error=err, params_before=_params(m, None),
                           params_after=_params(m, r, j))
         if r is not None:
-            parent, _, attr = owner.rpartition(".")
-            setattr(mods[parent] if parent else new, attr, factorize(mods[owner], r, j))
+            new.set_submodule(owner, factorize(mods[owner], r, j))
     before = sum(v["params_before"] for v in rows.values())
     after = sum(v["params_after"] for v in rows.values())
     return new, LowRankReport(float(compression), before, after, max(v["error"] for v in rows.values()), rows)

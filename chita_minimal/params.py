@@ -44,6 +44,17 @@ def prunable_names(model: nn.Module) -> list[str]:
     return [name for name, prm in model.named_parameters() if id(prm) in ids]
 
 
+def owners(model: nn.Module, names=None) -> dict[str, tuple[nn.Module | None, str]]:
+    """For each of the :func:`resolve`-d parameter names, the module holding it and its attribute:
+    "layer1.0.conv1.weight" → (the conv module, "weight")."""
+    mods = dict(model.named_modules())
+    out = {}
+    for name in resolve(model, names):
+        owner, _, attr = name.rpartition(".")
+        out[name] = (mods.get(owner), attr)
+    return out
+
+
 def resolve(model: nn.Module, names=None) -> list[str]:
     """Validate a list of parameter names to prune; ``None`` means :func:`prunable_names`.
 

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from . import params
 from .problem import num_kept
+from .utils import check_int as _int
 
 DISTRIBUTIONS = ("uniform", "erk")
 INITS = ("magnitude", "random")
@@ -65,14 +66,6 @@ def _number(arg, value, low=None, high=None, low_open=False, high_open=False) ->
         raise ValueError(f"{arg} must lie in {'(' if low_open else '['}{lo}, {hi}{')' if high_open else ']'}, "
                          f"got {value}")
     return float(value)
-
-
-def _int(arg, value, low=1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{arg} must be an int, got {value!r}")
-    if value < low:
-        raise ValueError(f"{arg} must be >= {low}, got {value}")
-    return value
 
 
 def _setup(model, dataset, sparsity, epochs, lr, batch_size, names, device):

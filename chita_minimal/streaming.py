@@ -111,7 +111,8 @@ def block_backsolve_streamed(model, dataset, sparsity: float, *, n_grads: int = 
     t_total = time.perf_counter()
     lay = params.layout(model, params.resolve(model, names))
     w_bar = params.flatten(model, lay)
-    dev = torch.device(device) if device is not None else w_bar.device
+    home = w_bar.device  # where the model's weights live (written back there)
+    dev = torch.device(device) if device is not None else home
     w_bar = w_bar.to(dev)
     p = lay.p
     k = num_kept(sparsity, p)
@@ -155,7 +156,7 @@ def block_backsolve_streamed(model, dataset, sparsity: float, *, n_grads: int = 
     if not torch.isfinite(w).all():
         raise ValueError("the streamed block backsolve produced non-finite weights (try a larger l2)")
     if write_back:
-        params.write_back(model, lay, w.to(params.flatten(model, lay).device))
+        params.write_back(model, lay, w.to(home))
     seconds["total"] = time.perf_counter() - t_total
     numbers = sum(bk.G.numel() + bk.h.numel() for bk in buckets)
     return StreamedSolve(w=w, support=support, seconds=seconds, gram_numbers=numbers, buckets=len(buckets))

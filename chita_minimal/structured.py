@@ -155,8 +155,7 @@ def shrink(model: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
         full_out = torch.arange(m.weight.shape[0])
         full_in = torch.arange(m.weight.shape[1]) if m.weight.dim() > 1 else None
         new = _smaller(m, out_sel.get(mname, full_out), in_sel.get(mname, full_in))
-        parent, _, child = mname.rpartition(".")
-        setattr(small.get_submodule(parent) if parent else small, child, new)
+        small.set_submodule(mname, new)
     return small
 
 

@@ -1,4 +1,4 @@
-"""Small helpers shared by the package: device choice and seeding."""
+"""Small helpers shared by the package: device choice, seeding, argument checks."""
 
 from __future__ import annotations
 
@@ -20,3 +20,12 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def check_int(name: str, value, low: int | None = 1) -> int:
+    """``value`` if it is an int (not a bool) ≥ ``low`` (no bound when None); TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value

@@ -14,18 +14,14 @@ from chita_minimal.iht import hard_threshold
 from chita_minimal.layerwise import (allocate, calibration_hessians, layer_errors, layerwise_prune,
                                      sparsegpt_layer)
 from chita_minimal.problem import num_kept
+from conftest import random_layer
 
 F64 = torch.float64
 
 
 def _layer(seed, rows=16, cols=64, N=400, corr=0.5, spread=0.5, dtype=F64):
     """W (rows, cols), inputs X (cols, N) with correlated features of different scales, H = 2/N·XXᵀ."""
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(cols, N, generator=g, dtype=F64)
-    X = (torch.eye(cols, dtype=F64) + corr * torch.randn(cols, cols, generator=g, dtype=F64) / cols**0.5) @ X
-    X = X * torch.exp(spread * torch.randn(cols, 1, generator=g, dtype=F64))
-    W = torch.randn(rows, cols, generator=g, dtype=F64)
-    return W.to(dtype), X.to(dtype), (2 / N * X @ X.T).to(dtype)
+    return random_layer(seed, rows, cols, N, corr, spread, dtype)
 
 
 def _err(W, Wp, H):

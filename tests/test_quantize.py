@@ -11,18 +11,15 @@ from chita_minimal.layerwise import sparsegpt_layer
 from chita_minimal.models.mlpnet import MLPNet
 from chita_minimal.problem import num_kept
 from chita_minimal.quantize import obq_layer, quant_grid, quantize, quantize_model, rtn_layer
+from conftest import random_layer
 
 F64 = torch.float64
 
 
 def _layer(seed, rows=12, cols=48, N=300, corr=0.8, spread=0.5, dtype=F64):
     """W (rows, cols) and H = 2/N·XXᵀ of correlated inputs X (cols, N) of different scales."""
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(cols, N, generator=g, dtype=F64)
-    X = (torch.eye(cols, dtype=F64) + corr * torch.randn(cols, cols, generator=g, dtype=F64) / cols**0.5) @ X
-    X = X * torch.exp(spread * torch.randn(cols, 1, generator=g, dtype=F64))
-    W = torch.randn(rows, cols, generator=g, dtype=F64)
-    return W.to(dtype), (2 / N * X @ X.T).to(dtype)
+    W, _, H = random_layer(seed, rows, cols, N, corr, spread, dtype)
+    return W, H
 
 
 def _err(W, Wq, H):
