@@ -1,13 +1,32 @@
 """Structured (channel) pruning that physically removes channels, and Group-CHITA.
 
-A *channel group* is one prunable hidden width of the network: the output channels of a
-producer layer, which are the input channels of exactly one consumer layer.
+A *channel group* is one prunable width of the network: channel c is output row c of its
+producer layer(s) (and entry c of their BatchNorms) and input column c of its consumer layer(s).
 
-- ResNet20 (:class:`ResNetCifar`): the inner channels of every BasicBlock, named after the
-  producer, e.g. ``"layer1.0.conv1"`` (producer ``conv1``, BatchNorm ``bn1``, consumer ``conv2``).
-  Channels feeding skip connections (block outputs, the stem, ``downsample``) are never
-  removed: a consistent residual would need the same channels removed in every block of a stage.
-- MLPNet: the hidden neurons of ``fc1`` (consumer ``fc2``) and of ``fc2`` (consumer ``fc3``).
+- ResNet20 (:class:`ResNetCifar`), default: the inner channels of every BasicBlock, named after
+  the producer, e.g. ``"layer1.0.conv1"`` (:class:`ChannelGroup`: producer ``conv1``, BatchNorm
+  ``bn1``, consumer ``conv2``).
+- ResNet20 with ``residual=True`` (opt-in), in addition: one residual *stream* per stage, the
+  channels added together by the skip connections (:class:`ResidualGroup`), named
+  ``"layer1.residual"``, ``"layer2.residual"``, ``"layer3.residual"``. A stream channel c is
+  written by every producer of the stream and read by every consumer, so removing it from all
+  of them at once keeps the additions ``bn2(conv2(·)) + shortcut`` consistent:
+
+  ============  ==========================================  ==========================================
+  stream        producers (rows c, BN entries c)            consumers (input columns c)
+  ============  ==========================================  ==========================================
+  layer1 (16)   stem ``conv1``/``bn1``, ``layer1.i.conv2``  ``layer1.i.conv1``, ``layer2.0.conv1``,
+                /``bn2``                                    ``layer2.0.downsample.0``
+  layer2 (32)   ``layer2.0.downsample.0``/``.1``,           ``layer2.i.conv1`` (i ≥ 1),
+                ``layer2.i.conv2``/``bn2``                  ``layer3.0.conv1``, ``layer3.0.downsample.0``
+  layer3 (64)   ``layer3.0.downsample.0``/``.1``,           ``layer3.i.conv1`` (i ≥ 1), ``fc``
+                ``layer3.i.conv2``/``bn2``
+  ============  ==========================================  ==========================================
+
+  Residual groups come after the inner groups, so the first groups are always the default ones.
+- MLPNet: the hidden neurons of ``fc1`` (consumer ``fc2``) and of ``fc2`` (consumer ``fc3``). It
+  has no skip connections: ``residual=True`` returns the same two groups (no error), so code
+  written for ResNet20 with ``residual=True`` runs unchanged on MLPNet.
 
 Pieces::
 
@@ -15,10 +34,14 @@ Pieces::
     small = shrink(model, keep)                 # NEW dense model with smaller Conv2d/BN/Linear
     flops(small, (3, 32, 32)); param_bytes(small)
     keep, frac = select(model, l1_scores(model), 0.5)          # ≤ 50 % of the FLOPs removed
+    keep, frac = select(model, l1_scores(model, residual=True), 0.5, residual=True)  # streams too
+    small = shrink(model, keep)                 # accepts "layerK.residual" masks as they are
     small, report = group_chita_prune(model, data, 0.5, n=128, l2=1e-3)
 
 Scores: L1 filter norms (Li et al., ICLR 2017), first-order Taylor importance (Molchanov et
-al., CVPR 2019) and its OBD-style second-order (Fisher) counterpart (LeCun et al. 1990).
+al., CVPR 2019) and its OBD-style second-order (Fisher) counterpart (LeCun et al. 1990). For a
+stream channel they sum over *all* its producer rows (stem, ``conv2`` of every block,
+``downsample``), i.e. they include the filters feeding the skip connections.
 Group-CHITA: problem (P) of CHITA (Benbaki et al., ICML 2023) under a group-L0 constraint,
 solved by IHT with group projection and a line search, then backsolve on the chosen groups.
 """
@@ -49,30 +72,90 @@ DEFAULT_INPUT_SHAPES = {ResNetCifar: (3, 32, 32), MLPNet: (1, 28, 28)}
 
 @dataclass(frozen=True)
 class ChannelGroup:
-    """Module names of one prunable width: producer rows, optional BN entries, consumer input columns."""
+    """Module names of one prunable width: producer rows, optional BN entries, consumer input columns.
+
+    ``producers``/``bns``/``consumers`` give the same names as tuples, like :class:`ResidualGroup`.
+    """
 
     producer: str
     bn: str | None
     consumer: str
 
+    @property
+    def producers(self) -> tuple[str, ...]:
+        return (self.producer,)
 
-def channel_groups(model: nn.Module) -> dict[str, ChannelGroup]:
-    """The prunable channel groups of a ResNetCifar or MLPNet, in forward order."""
+    @property
+    def bns(self) -> tuple[str, ...]:
+        return () if self.bn is None else (self.bn,)
+
+    @property
+    def consumers(self) -> tuple[str, ...]:
+        return (self.consumer,)
+
+
+@dataclass(frozen=True)
+class ResidualGroup:
+    """Module names of one residual stream: channel c is output row c of every producer (and entry c
+    of every BN in ``bns``) and input column c of every consumer; all are removed together."""
+
+    producers: tuple[str, ...]
+    bns: tuple[str, ...]
+    consumers: tuple[str, ...]
+
+
+def _check_residual(residual) -> bool:
+    if not isinstance(residual, bool):
+        raise TypeError(f"residual must be a bool, got {type(residual).__name__}")
+    return residual
+
+
+def _residual_groups(model: ResNetCifar) -> dict[str, ResidualGroup]:
+    """One :class:`ResidualGroup` per stage (see module docstring). A stream starts at the stem and
+    at every ``downsample`` (1×1 conv + BN, the first block of stages 2 and 3) and ends at ``fc``."""
+    out = {}
+    name, prod, bns, cons = "layer1.residual", ["conv1"], ["bn1"], []
+    for s in ("layer1", "layer2", "layer3"):
+        for b, block in enumerate(getattr(model, s)):
+            pre = f"{s}.{b}"
+            cons.append(f"{pre}.conv1")
+            if block.downsample is not None:  # the shortcut maps the old stream to a new one
+                cons.append(f"{pre}.downsample.0")
+                out[name] = ResidualGroup(tuple(prod), tuple(bns), tuple(cons))
+                name, prod, bns, cons = f"{s}.residual", [f"{pre}.downsample.0"], [f"{pre}.downsample.1"], []
+            prod.append(f"{pre}.conv2")
+            bns.append(f"{pre}.bn2")
+    cons.append("fc")
+    out[name] = ResidualGroup(tuple(prod), tuple(bns), tuple(cons))
+    return out
+
+
+def channel_groups(model: nn.Module, *, residual: bool = False) -> dict[str, ChannelGroup | ResidualGroup]:
+    """The prunable channel groups of a ResNetCifar or MLPNet, in forward order.
+
+    ``residual=True`` appends ResNetCifar's residual streams (:class:`ResidualGroup`, one per stage,
+    ``"layerK.residual"``) after the inner groups; MLPNet has none and returns its usual groups.
+    """
+    residual = _check_residual(residual)
     if isinstance(model, ResNetCifar):
-        return {f"{s}.{b}.conv1": ChannelGroup(f"{s}.{b}.conv1", f"{s}.{b}.bn1", f"{s}.{b}.conv2")
-                for s in ("layer1", "layer2", "layer3") for b in range(len(getattr(model, s)))}
+        groups = {f"{s}.{b}.conv1": ChannelGroup(f"{s}.{b}.conv1", f"{s}.{b}.bn1", f"{s}.{b}.conv2")
+                  for s in ("layer1", "layer2", "layer3") for b in range(len(getattr(model, s)))}
+        if residual:
+            groups.update(_residual_groups(model))
+        return groups
     if isinstance(model, MLPNet):
         return {"fc1": ChannelGroup("fc1", None, "fc2"), "fc2": ChannelGroup("fc2", None, "fc3")}
     raise TypeError(f"structured pruning supports ResNetCifar and MLPNet, got {type(model).__name__}")
 
 
-def _widths(model: nn.Module) -> dict[str, int]:
-    return {name: model.get_submodule(gr.producer).weight.shape[0] for name, gr in channel_groups(model).items()}
+def _widths(model: nn.Module, residual: bool = False) -> dict[str, int]:
+    return {name: model.get_submodule(gr.producers[0]).weight.shape[0]
+            for name, gr in channel_groups(model, residual=residual).items()}
 
 
-def _check_keep(model: nn.Module, keep) -> dict[str, torch.Tensor]:
+def _check_keep(model: nn.Module, keep, residual: bool = False) -> dict[str, torch.Tensor]:
     """Validated keep masks, one bool (channels,) per group (absent groups: all kept)."""
-    widths = _widths(model)
+    widths = _widths(model, residual)
     if not isinstance(keep, dict):
         raise TypeError(f"keep must be a dict group name -> bool mask, got {type(keep).__name__}")
     unknown = [name for name in keep if name not in widths]
@@ -137,18 +220,27 @@ def shrink(model: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
     model makes the channel a constant relu(β_c) fed to the consumer, goes too. Hence the
     small model equals the dense model whenever every removed channel contributes nothing to
     the consumer — its consumer column is zero, or its producer row *and* BN weight/bias are
-    zero. Groups absent from ``keep`` keep all channels; skip-connection widths never change.
+    zero. Groups absent from ``keep`` keep all channels.
+
+    ``keep`` may also hold residual streams (``"layerK.residual"``, see :func:`channel_groups`
+    with ``residual=True``): channel c is then removed from every producer (rows, BN entries)
+    and every consumer (input columns) of the stream, so the skip additions stay consistent.
+    The small model equals the dense one when, for every removed stream channel, all producer
+    rows and BN weights/biases are zero (the channel is then 0 at every addition), or all
+    consumer columns are zero (nothing reads it). Streams absent from ``keep`` keep their width.
     Modes (train/eval) and ``requires_grad`` flags are copied.
     """
-    groups = channel_groups(model)
-    keep = _check_keep(model, keep)
+    groups = channel_groups(model, residual=True)  # accepts stream names; MLPNet: its usual groups
+    keep = _check_keep(model, keep, residual=True)
     out_sel, in_sel = {}, {}  # module name -> kept indices along dim 0 / dim 1
     for name, gr in groups.items():
+        if isinstance(gr, ResidualGroup) and name not in keep:
+            continue  # an untouched stream: its modules are not rebuilt
         idx = torch.nonzero(keep[name]).squeeze(1)
-        out_sel[gr.producer] = idx
-        in_sel[gr.consumer] = idx
-        if gr.bn is not None:
-            out_sel[gr.bn] = idx
+        for m in gr.producers + gr.bns:
+            out_sel[m] = idx
+        for m in gr.consumers:
+            in_sel[m] = idx
     small = copy.deepcopy(model)
     for mname in set(out_sel) | set(in_sel):
         m = model.get_submodule(mname)
@@ -215,36 +307,56 @@ def param_bytes(model: nn.Module) -> int:
 # filter importance scores: dict group -> (channels,)
 
 
-def l1_scores(model: nn.Module) -> dict[str, torch.Tensor]:
-    """L1 norm of each producer filter ‖W_c‖₁ (Li et al., "Pruning Filters for Efficient ConvNets", 2017)."""
-    return {name: model.get_submodule(gr.producer).weight.detach().abs().flatten(1).sum(1)
-            for name, gr in channel_groups(model).items()}
+def l1_scores(model: nn.Module, *, residual: bool = False) -> dict[str, torch.Tensor]:
+    """L1 norm of each producer filter ‖W_c‖₁ (Li et al., "Pruning Filters for Efficient ConvNets", 2017).
+
+    A residual stream channel (``residual=True``) scores Σ_P ‖W_P[c]‖₁ over all its producers
+    P (stem or ``downsample`` conv, ``conv2`` of every block of the stage): the L1 mass of all
+    the filters that write the channel, the natural extension of the paper's per-filter norm
+    (the paper prunes the first layer of a block only). Producers with larger fan-in weigh
+    more; :func:`select` compares channels after dividing by the group mean, so only the
+    ranking within a group matters.
+    """
+    return {name: sum(model.get_submodule(p).weight.detach().abs().flatten(1).sum(1) for p in gr.producers)
+            for name, gr in channel_groups(model, residual=residual).items()}
 
 
-def _channel_products(model, dataset, n, batch_size, seed) -> dict[str, torch.Tensor]:
-    """z_ic = g_i · w_c: gradient row i dotted with filter c, per group, shape (n, channels)."""
-    groups = channel_groups(model)
-    names = [f"{gr.producer}.weight" for gr in groups.values()]
+def _channel_products(model, dataset, n, batch_size, seed, residual=False) -> dict[str, torch.Tensor]:
+    """z_ic = Σ_P g_i^P · w^P_c: gradient row i dotted with filter c of every producer P of the
+    group (one for inner groups, all of a stream's), per group, shape (n, channels)."""
+    groups = channel_groups(model, residual=residual)
+    names = [f"{p}.weight" for gr in groups.values() for p in gr.producers]
     s = fisher.gradients(model, dataset, n, batch_size=batch_size, params=names, seed=seed, progress=False)
     out = {}
-    for gname, pname in zip(groups, names):
-        w = model.get_parameter(pname).detach()  # (C, ...)
-        G = s.X[:, s.layout.span(pname)].view(s.n, w.shape[0], -1)  # (n, C, fan_in)
-        out[gname] = (G * w.view(1, w.shape[0], -1)).sum(-1)  # (n, C)
+    for gname, gr in groups.items():
+        z = 0
+        for p in gr.producers:
+            pname = f"{p}.weight"
+            w = model.get_parameter(pname).detach()  # (C, ...)
+            G = s.X[:, s.layout.span(pname)].view(s.n, w.shape[0], -1)  # (n, C, fan_in)
+            z = z + (G * w.view(1, w.shape[0], -1)).sum(-1)  # (n, C)
+        out[gname] = z
     return out
 
 
-def taylor_scores(model: nn.Module, dataset, n: int, *, batch_size: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+def taylor_scores(model: nn.Module, dataset, n: int, *, batch_size: int = 1, seed: int = 0,
+                  residual: bool = False) -> dict[str, torch.Tensor]:
     """First-order Taylor importance (Molchanov et al., CVPR 2019): I_c = (1/n) Σ_i (g_i · w_c)².
 
     g_i = gradient of the loss of mini-batch i (per-sample with ``batch_size=1``) w.r.t. the
     producer filter c, w_c its weights: (g_i · w_c) is the first-order loss change of removing
     the filter on sample i, squared and averaged over the n rows as in the paper.
+
+    ``residual=True`` adds the residual streams; for a stream channel w_c is the concatenation
+    of row c of *every* producer (stem / ``downsample`` and each block's ``conv2``, i.e. the
+    filters feeding the skip connections), so g_i · w_c = Σ_P g_i^P · w^P_c = ∂L_i/∂m_c, the
+    derivative w.r.t. a gate m_c (at 1) scaling channel c at the output of all producer convs.
     """
-    return {k: (z ** 2).mean(0) for k, z in _channel_products(model, dataset, n, batch_size, seed).items()}
+    return {k: (z ** 2).mean(0) for k, z in _channel_products(model, dataset, n, batch_size, seed, residual).items()}
 
 
-def taylor2_scores(model: nn.Module, dataset, n: int, *, batch_size: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+def taylor2_scores(model: nn.Module, dataset, n: int, *, batch_size: int = 1, seed: int = 0,
+                   residual: bool = False) -> dict[str, torch.Tensor]:
     """OBD-style second-order importance: ½ w_cᵀ F_cc w_c = ½ (1/n) Σ_i (g_i · w_c)².
 
     F = (1/n) Σ g_i g_iᵀ is the empirical Fisher of CHITA's (P) restricted to the filter's
@@ -252,8 +364,11 @@ def taylor2_scores(model: nn.Module, dataset, n: int, *, batch_size: int = 1, se
     diagonal; this keeps the full within-filter block). Computed from the same rows, it is
     exactly half of :func:`taylor_scores` (same ranking): the empirical Fisher quadratic *is*
     the mean squared first-order term. It differs when X differs (batch_size, seed, n).
+    ``residual=True``: as in :func:`taylor_scores`, w_c spans all producer rows of a stream
+    channel (F_cc is then the block of all those coordinates, cross-producer terms included).
     """
-    return {k: 0.5 * (z ** 2).mean(0) for k, z in _channel_products(model, dataset, n, batch_size, seed).items()}
+    return {k: 0.5 * (z ** 2).mean(0)
+            for k, z in _channel_products(model, dataset, n, batch_size, seed, residual).items()}
 
 
 # -----------------------------------------------------------------------------
@@ -261,20 +376,26 @@ def taylor2_scores(model: nn.Module, dataset, n: int, *, batch_size: int = 1, se
 
 
 class _FlopModel:
-    """FLOPs of any keep configuration from the dense per-layer costs (exact for these models)."""
+    """FLOPs of any keep configuration from the dense per-layer costs (exact for these models).
 
-    def __init__(self, model, input_shape):
+    A layer's MACs are unit·in·out (see :func:`_layer_costs`); a group's count replaces ``out``
+    of all its producers and ``in`` of all its consumers. A module may consume one group and
+    produce another (``layer2.0.conv1`` reads stream 1, writes an inner group), so both change.
+    """
+
+    def __init__(self, model, input_shape, residual=False):
         self.costs = _layer_costs(model, tuple(input_shape))
-        self.groups = channel_groups(model)
+        self.groups = channel_groups(model, residual=residual)
         self.total = sum(u * i * o for u, i, o in self.costs.values())
 
     def __call__(self, counts: dict[str, int]) -> int:
-        cin = {gr.consumer: counts[g] for g, gr in self.groups.items()}
-        cout = {gr.producer: counts[g] for g, gr in self.groups.items()}
+        cin = {m: counts[g] for g, gr in self.groups.items() for m in gr.consumers}
+        cout = {m: counts[g] for g, gr in self.groups.items() for m in gr.producers}
         return sum(u * cin.get(m, i) * cout.get(m, o) for m, (u, i, o) in self.costs.items())
 
 
-def select(model: nn.Module, scores: dict[str, torch.Tensor], fraction: float, input_shape=None):
+def select(model: nn.Module, scores: dict[str, torch.Tensor], fraction: float, input_shape=None, *,
+           residual: bool = False):
     """Keep masks removing a FLOP fraction close to, and never above, ``fraction`` (global greedy).
 
     Scores are normalised per group by their mean (Molchanov et al. 2019 normalise per layer
@@ -283,21 +404,24 @@ def select(model: nn.Module, scores: dict[str, torch.Tensor], fraction: float, i
     otherwise it is skipped and the next one tried, so at the end no further channel removal
     fits in the budget (greedy, not the closest possible fraction). FLOPs are computed exactly from per-layer costs and the
     final fraction is measured with :func:`flops` on ``shrink(model, keep)``.
+    ``residual=True``: the residual streams are candidates too (``scores`` must then hold them,
+    e.g. ``l1_scores(model, residual=True)``); removing one stream channel lowers the cost of
+    every producer and consumer of the stream, which the exact FLOP model accounts for.
     Returns (keep, achieved_fraction).
     """
     fraction = _check_fraction(fraction)
-    groups = channel_groups(model)
+    groups = channel_groups(model, residual=residual)
     input_shape = DEFAULT_INPUT_SHAPES[type(model)] if input_shape is None else tuple(input_shape)
     if not isinstance(scores, dict):
         raise TypeError(f"scores must be a dict group name -> tensor, got {type(scores).__name__}")
     unknown = [k for k in scores if k not in groups]
     if unknown:
         raise ValueError(f"unknown channel group name(s) {unknown}; valid groups are {list(groups)}")
-    widths = _widths(model)
+    widths = _widths(model, residual)
     missing = [k for k in groups if k not in scores]
     if missing:
         raise ValueError(f"scores lack channel group(s) {missing}")
-    cost = _FlopModel(model, input_shape)
+    cost = _FlopModel(model, input_shape, residual)
     cands = []  # (normalised score, group order, channel)
     for gi, (name, c) in enumerate(widths.items()):
         s = scores[name].detach().double().cpu().reshape(-1)
@@ -501,18 +625,21 @@ def group_iht(problem: Problem, groups, g, w0: torch.Tensor | None = None, *, cl
     return GroupResult(w, mask, kept, trace, it)
 
 
-def weight_groups(model: nn.Module, lay) -> tuple[list[torch.Tensor], list[str]]:
-    """Coordinates (in the layout ``lay``) of every channel: producer row c and consumer column c.
+def weight_groups(model: nn.Module, lay, *, residual: bool = False) -> tuple[list[torch.Tensor], list[str]]:
+    """Coordinates (in the layout ``lay``) of every channel: producer row c and consumer column c
+    (for a residual stream, ``residual=True``: row c of every producer, column c of every consumer).
 
     Returns (index tensors, one per channel in group order, the group name of each).
     """
+    def pos(name):  # flat positions of parameter ``name``, shaped like it
+        P = f"{name}.weight"
+        return torch.arange(lay.span(P).start, lay.span(P).stop).view(lay.shapes[lay.names.index(P)])
+
     idx, owner = [], []
-    for name, gr in channel_groups(model).items():
-        P, Q = f"{gr.producer}.weight", f"{gr.consumer}.weight"
-        pos_P = torch.arange(lay.span(P).start, lay.span(P).stop).view(lay.shapes[lay.names.index(P)])
-        pos_Q = torch.arange(lay.span(Q).start, lay.span(Q).stop).view(lay.shapes[lay.names.index(Q)])
-        for c in range(pos_P.shape[0]):
-            idx.append(torch.cat([pos_P[c].reshape(-1), pos_Q[:, c].reshape(-1)]))
+    for name, gr in channel_groups(model, residual=residual).items():
+        rows, cols = [pos(m) for m in gr.producers], [pos(m) for m in gr.consumers]
+        for c in range(rows[0].shape[0]):
+            idx.append(torch.cat([r[c].reshape(-1) for r in rows] + [q[:, c].reshape(-1) for q in cols]))
             owner.append(name)
     return idx, owner
 
@@ -535,7 +662,7 @@ class StructuredReport:
 
 def group_chita_prune(model: nn.Module, dataset, fraction: float, *, n: int, l2: float = 1e-3,
                       batch_size: int = 1, seed: int = 0, scores=None, input_shape=None,
-                      max_iter: int = 100, tol: float = 1e-9, swap_rounds: int = 10):
+                      max_iter: int = 100, tol: float = 1e-9, swap_rounds: int = 10, residual: bool = False):
     """Group-CHITA channel pruning of a ResNetCifar or MLPNet to remove ≤ ``fraction`` of the FLOPs.
 
     1. Channel counts per group: :func:`select` on ``scores`` (default :func:`l1_scores`), so the
@@ -547,24 +674,31 @@ def group_chita_prune(model: nn.Module, dataset, fraction: float, *, n: int, l2:
     3. :func:`group_iht` on (P) with λ = l2·n/2, then write back into ``model`` (in place: pruned
        channels exactly zero, kept weights updated by the backsolve).
 
+    ``residual=True`` prunes the residual streams too (default scores ``l1_scores(model,
+    residual=True)``): a stream channel's variables are row c of all its producers and column c
+    of all its consumers; groups then overlap (a block's ``conv2`` row belongs to a stream
+    channel, its column to an inner channel), which :func:`group_iht` handles.
+
     Returns (shrink(model, keep), StructuredReport). The small model computes the same function
     as the written-back ``model``.
     """
     t0 = time.perf_counter()
     fraction = _check_fraction(fraction)
-    groups = channel_groups(model)  # TypeError for other models
+    groups = channel_groups(model, residual=residual)  # TypeError for other models
     input_shape = DEFAULT_INPUT_SHAPES[type(model)] if input_shape is None else tuple(input_shape)
-    plan, _ = select(model, l1_scores(model) if scores is None else scores, fraction, input_shape)
+    if scores is None:
+        scores = l1_scores(model, residual=residual)
+    plan, _ = select(model, scores, fraction, input_shape, residual=residual)
     names = []
     for gr in groups.values():
-        for pname in (f"{gr.producer}.weight", f"{gr.consumer}.weight"):
+        for pname in [f"{m}.weight" for m in gr.producers + gr.consumers]:
             if pname not in names:
                 names.append(pname)
     sample = fisher.gradients(model, dataset, n, batch_size=batch_size, params=names, seed=seed, progress=False)
     lay = sample.layout
     w_bar = torch.cat([model.get_parameter(p).detach().reshape(-1) for p in lay.names]).to(sample.X)
     problem = Problem(sample.X, w_bar, l2)
-    idx, owner = weight_groups(model, lay)
+    idx, owner = weight_groups(model, lay, residual=residual)
     order = list(groups)
     classes = [order.index(o) for o in owner]
     budgets = [int(plan[name].sum()) for name in order]
