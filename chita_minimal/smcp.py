@@ -84,17 +84,11 @@ def _producer_inputs(model, groups, input_shape) -> dict[str, tuple]:
         m = model.get_submodule(gr.producer)
         hooks.append(m.register_forward_hook(
             lambda mod, inp, out, name=gr.producer: shapes.__setitem__(name, tuple(inp[0].shape[1:]))))
-    ref = next(model.parameters())
-    modes = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape, dtype=ref.dtype, device=ref.device))
+        structured.dry_run(model, input_shape)
     finally:
         for h in hooks:
             h.remove()
-        for m, mode in modes:
-            m.training = mode
     return shapes
 
 

@@ -274,6 +274,17 @@ def _layer_costs(model: nn.Module, input_shape) -> dict[str, tuple[int, int, int
     for name, m in model.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             hooks.append(m.register_forward_hook(hook(name)))
+    try:
+        dry_run(model, input_shape)
+    finally:
+        for h in hooks:
+            h.remove()
+    return costs
+
+
+def dry_run(model: nn.Module, input_shape) -> None:
+    """One forward pass of a zero batch of one input in eval mode, without gradients, every module's
+    mode restored afterwards: what the forward hooks that read layer shapes need."""
     ref = next(model.parameters())
     modes = [(m, m.training) for m in model.modules()]
     try:
@@ -281,11 +292,8 @@ def _layer_costs(model: nn.Module, input_shape) -> dict[str, tuple[int, int, int
         with torch.no_grad():
             model(torch.zeros(1, *input_shape, dtype=ref.dtype, device=ref.device))
     finally:
-        for h in hooks:
-            h.remove()
         for m, mode in modes:
             m.training = mode
-    return costs
 
 
 def flops(model: nn.Module, input_shape) -> int:

@@ -29,3 +29,43 @@ def random_layer(seed, rows, cols, N, corr, spread, dtype=torch.float64):
     X = X * torch.exp(spread * torch.randn(cols, 1, generator=g, dtype=f64))
     W = torch.randn(rows, cols, generator=g, dtype=f64)
     return W.to(dtype), X.to(dtype), (2 / N * X @ X.T).to(dtype)
+
+
+def randomise_bn(model, seed=0):
+    """Non-trivial BN statistics and affine parameters (in place), so that removed channels would matter."""
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(1 + 0.3 * torch.randn(c, generator=g))
+                m.bias.copy_(0.3 * torch.randn(c, generator=g))
+                m.running_mean.copy_(0.2 * torch.randn(c, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
+    return model
+
+
+def image_data(m, shape, seed=0):
+    """A TensorDataset of m Gaussian 'images' of the given shape with labels in 0..9."""
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(m, *shape, generator=g), torch.randint(0, 10, (m,), generator=g))
+
+
+
+from chita_minimal.models import MLPNet as _MLPNet  # noqa: E402
+
+
+class TinyMLP(_MLPNet):
+    """MLPNet subclass (same channel groups fc1/fc2) 16 → 6 → 5 → 10, bias-free: p = 176, explicit Hessians are cheap."""
+
+    def __init__(self):
+        from torch import nn
+
+        nn.Module.__init__(self)
+        self.fc1 = nn.Linear(16, 6, bias=False)
+        self.fc2 = nn.Linear(6, 5, bias=False)
+        self.fc3 = nn.Linear(5, 10, bias=False)

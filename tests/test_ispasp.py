@@ -9,32 +9,20 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from chita_minimal.ispasp import ispasp_prune, recover, uniform_counts
 from chita_minimal.models import MLPNet, resnet20
 from chita_minimal.models.resnet_cifar import ResNetCifar
 from chita_minimal.structured import _FlopModel, channel_groups, flops
 
+from conftest import image_data, randomise_bn
+
 F64 = torch.float64
 
 
 def _data(m=24, seed=0, shape=(1, 28, 28)):
-    g = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(m, *shape, generator=g), torch.randint(0, 10, (m,), generator=g))
+    return image_data(m, shape, seed)
 
-
-def _randomise_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(1 + 0.3 * torch.randn(c, generator=g))
-                m.bias.copy_(0.3 * torch.randn(c, generator=g))
-                m.running_mean.copy_(0.2 * torch.randn(c, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-    return model
 
 
 def _gram(Z, Y):
@@ -140,7 +128,7 @@ def test_budget_mlpnet():
 
 
 def test_every_channel_kept_preserves_the_function():
-    model, data = _randomise_bn(ResNetCifar(1)).eval(), _data(8, shape=(3, 32, 32))
+    model, data = randomise_bn(ResNetCifar(1)).eval(), _data(8, shape=(3, 32, 32))
     assert uniform_counts(model, 1e-6) == {k: model.get_submodule(gr.producer).weight.shape[0]
                                            for k, gr in channel_groups(model).items()}
     small, rep = ispasp_prune(model, data, 1e-6, n=8)
@@ -176,7 +164,7 @@ def test_refit_lowers_reconstruction_error_and_residuals_match_the_network():
 
 @pytest.mark.parametrize("refit", [False, True])
 def test_small_model_equals_masked_model(refit):
-    model, data = _randomise_bn(ResNetCifar(1)).eval(), _data(8, shape=(3, 32, 32))
+    model, data = randomise_bn(ResNetCifar(1)).eval(), _data(8, shape=(3, 32, 32))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     small, rep = ispasp_prune(model, data, 0.4, n=8, refit=refit, batch_size=3)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # input untouched

@@ -19,18 +19,7 @@ from chita_minimal.measure import Latency
 from chita_minimal.models import MLPNet, resnet20
 from chita_minimal.models.resnet_cifar import ResNetCifar
 
-
-def _randomise_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(1 + 0.3 * torch.randn(c, generator=g))
-                m.bias.copy_(0.3 * torch.randn(c, generator=g))
-                m.running_mean.copy_(0.2 * torch.randn(c, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-    return model
+from conftest import randomise_bn
 
 
 def _random_keep(model, seed, p=0.5):
@@ -184,7 +173,7 @@ def test_latency_table_measures_real_time():
 
 @pytest.mark.parametrize("kind", ["resnet", "mlp"])
 def test_gated_forward_equals_shrunk_model_and_masked_weights_get_no_gradient(kind):
-    model = _randomise_bn(ResNetCifar(1)) if kind == "resnet" else MLPNet()
+    model = randomise_bn(ResNetCifar(1)) if kind == "resnet" else MLPNet()
     x = torch.randn(6, 3, 32, 32) if kind == "resnet" else torch.randn(6, 1, 28, 28)
     y = torch.arange(6)
     keep = _random_keep(model, 3)
@@ -226,7 +215,7 @@ def test_gate_gradient_and_fisher_are_the_per_sample_gate_derivatives():
         assert torch.allclose(gates.grad[k], gs.mean(0), rtol=1e-4, atol=1e-9)
         assert torch.allclose(gates.fisher[k], (gs ** 2).mean(0), rtol=1e-4, atol=1e-12)
     # ResNet, kept channels: the gate gradient is Molchanov's BN form γ ∂L/∂γ + β ∂L/∂β (ReLU is homogeneous)
-    model = _randomise_bn(ResNetCifar(1)).train()
+    model = randomise_bn(ResNetCifar(1)).train()
     with smcp.ChannelGates(model, {}) as gates:
         F.cross_entropy(model(torch.randn(8, 3, 32, 32)), torch.arange(8)).backward()
     for g, gr in structured.channel_groups(model).items():
@@ -458,7 +447,7 @@ def test_each_step_leaves_masked_channels_out_and_the_knapsack_gets_their_averag
 @pytest.mark.parametrize("fraction", [0.3, 0.6])
 def test_resnet_budget_never_exceeded_and_shrunk_model_equals_masked_model(monkeypatch, fraction):
     torch.manual_seed(0)
-    model = _randomise_bn(ResNetCifar(1))
+    model = randomise_bn(ResNetCifar(1))
     seen = _spy(monkeypatch, model)
     data = _cifar_like()
     small, res = smcp.smcp_train(model, data, fraction, 2, lr=0.05, batch_size=16, update_every=1, freeze=1.0)

@@ -7,29 +7,20 @@ import pytest
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils.data import TensorDataset
 
 from chita_minimal import fisher
 from chita_minimal.models import MLPNet
 from chita_minimal.sosp import sosp_from_sample, sosp_scores
 from chita_minimal.structured import channel_groups, flops, select, shrink
 
+from conftest import TinyMLP, image_data
+
 NAMES = ["fc1.weight", "fc2.weight", "fc3.weight"]
 
 
-class TinyMLP(MLPNet):
-    """MLPNet subclass (same channel groups fc1/fc2) 16 → 6 → 5 → 10, small enough for an explicit p×p F."""
-
-    def __init__(self):
-        nn.Module.__init__(self)
-        self.fc1 = nn.Linear(16, 6, bias=False)
-        self.fc2 = nn.Linear(6, 5, bias=False)
-        self.fc3 = nn.Linear(5, 10, bias=False)
-
-
 def _data(shape, m=24, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(m, *shape, generator=g), torch.randint(0, 10, (m,), generator=g))
+    return image_data(m, shape, seed)
+
 
 
 def _reference(model, X, rows_of):

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
-from torch.utils.data import TensorDataset
 
 from chita_minimal import fisher
 from chita_minimal.models import MLPNet
@@ -18,23 +17,15 @@ from chita_minimal.params import layout
 from chita_minimal.spectral import spectral_prune, spectral_radii, spectral_scores, top_abs_eigenvalue
 from chita_minimal.structured import channel_groups, flops, select, shrink, weight_groups
 
+from conftest import TinyMLP, image_data
+
 F64 = torch.float64
 NAMES = ["fc1.weight", "fc2.weight", "fc3.weight"]
 
 
-class TinyMLP(MLPNet):
-    """MLPNet subclass (same channel groups fc1/fc2) 16 → 6 → 5 → 10: p = 176, explicit Hessians are cheap."""
-
-    def __init__(self):
-        nn.Module.__init__(self)
-        self.fc1 = nn.Linear(16, 6, bias=False)
-        self.fc2 = nn.Linear(6, 5, bias=False)
-        self.fc3 = nn.Linear(5, 10, bias=False)
-
-
 def _data(shape, m=24, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(m, *shape, generator=g), torch.randint(0, 10, (m,), generator=g))
+    return image_data(m, shape, seed)
+
 
 
 def _blocks(model, H):

@@ -8,7 +8,6 @@ import itertools
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from chita_minimal.backsolve import ridge_on_support
 from chita_minimal.models import MLPNet, resnet20
@@ -16,23 +15,9 @@ from chita_minimal.problem import Problem
 from chita_minimal.structured import (channel_groups, flops, group_chita_prune, group_iht, l1_scores, param_bytes,
                                       select, shrink, taylor2_scores, taylor_scores)
 
-from conftest import random_problem
+from conftest import image_data, random_problem, randomise_bn
 
 F64 = torch.float64
-
-
-def _randomise_bn(model, seed=0):
-    """Non-trivial BN statistics and affine parameters, so that removed channels would matter."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(1 + 0.3 * torch.randn(c, generator=g))
-                m.bias.copy_(0.3 * torch.randn(c, generator=g))
-                m.running_mean.copy_(0.2 * torch.randn(c, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-    return model
 
 
 def _n_params(model):
@@ -57,7 +42,7 @@ def _keep(model, drop):
 
 @pytest.mark.parametrize("zero", ["filter_and_bn", "consumer_columns"])
 def test_shrink_resnet_equals_masked_model_and_drops_exact_counts(zero):
-    model = _randomise_bn(resnet20()).eval()
+    model = randomise_bn(resnet20()).eval()
     with torch.no_grad():
         for name, chans in RESNET_DROP.items():
             gr = channel_groups(model)[name]
@@ -122,8 +107,8 @@ def test_flops_and_bytes_equal_hand_count():
 
 
 def _data(n=24, seed=0, shape=(1, 28, 28)):
-    g = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g))
+    return image_data(n, shape, seed)
+
 
 
 def test_scores_equal_direct_computation():
@@ -236,7 +221,7 @@ def test_group_chita_prune_mlpnet_removes_whole_groups():
 
 
 def test_group_chita_prune_resnet_small_equals_written_back_model():
-    model, data = _randomise_bn(resnet20()), _data(8, shape=(3, 32, 32))
+    model, data = randomise_bn(resnet20()), _data(8, shape=(3, 32, 32))
     small, rep = group_chita_prune(model, data, 0.4, n=4, l2=1e-2, max_iter=5, swap_rounds=1)
     model.eval(), small.eval()
     x = torch.randn(2, 3, 32, 32)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from chita_minimal.models import MLPNet, resnet20
 from chita_minimal.models.resnet_cifar import ResNetCifar
@@ -15,23 +14,10 @@ from chita_minimal.structured import (ChannelGroup, ResidualGroup, _FlopModel, c
                                       group_chita_prune, l1_scores, param_bytes, select, shrink, taylor2_scores,
                                       taylor_scores)
 
+from conftest import image_data, randomise_bn
+
 STREAMS = ["layer1.residual", "layer2.residual", "layer3.residual"]
 INNER = [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
-
-
-def _randomise_bn(model, seed=0):
-    """Non-trivial BN statistics and affine parameters, so that removed channels would matter
-    (as in tests/test_structured.py)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(1 + 0.3 * torch.randn(c, generator=g))
-                m.bias.copy_(0.3 * torch.randn(c, generator=g))
-                m.running_mean.copy_(0.2 * torch.randn(c, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-    return model
 
 
 def _keep(model, drop):
@@ -45,8 +31,8 @@ def _keep(model, drop):
 
 
 def _data(n=8, seed=0, shape=(3, 16, 16)):
-    g = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g))
+    return image_data(n, shape, seed)
+
 
 
 # -----------------------------------------------------------------------------
@@ -98,7 +84,7 @@ DROP = {"layer1.residual": [0, 5, 15], "layer2.residual": [1, 2, 31], "layer3.re
 
 @pytest.mark.parametrize("zero", ["producers_and_bn", "consumer_columns"])
 def test_shrink_streams_equals_masked_model(zero):
-    model = _randomise_bn(resnet20()).eval()
+    model = randomise_bn(resnet20()).eval()
     groups = channel_groups(model, residual=True)
     with torch.no_grad():
         for name, chans in DROP.items():
@@ -188,7 +174,7 @@ def test_select_with_streams_fills_flop_budget():
 def test_taylor_scores_of_streams_equal_gate_derivative():
     """I_c = mean_i (∂L_i/∂m_c)², m_c a gate (=1) scaling channel c at the output of every producer conv
     of the group (for a stream: stem or downsample and every conv2): the direct definition."""
-    model = _randomise_bn(ResNetCifar(1))
+    model = randomise_bn(ResNetCifar(1))
     data, n, seed = _data(), 5, 2
     t1 = taylor_scores(model, data, n, seed=seed, residual=True)
     t2 = taylor2_scores(model, data, n, seed=seed, residual=True)
@@ -223,7 +209,7 @@ def test_taylor_scores_of_streams_equal_gate_derivative():
 
 
 def test_group_chita_prune_with_streams():
-    model, data = _randomise_bn(ResNetCifar(1)), _data()
+    model, data = randomise_bn(ResNetCifar(1)), _data()
     small, rep = group_chita_prune(model, data, 0.4, n=4, l2=1e-2, max_iter=3, swap_rounds=1, residual=True,
                                    input_shape=(3, 16, 16))
     assert set(STREAMS) <= set(rep.keep) and any(not bool(rep.keep[s].all()) for s in STREAMS)
