@@ -7,8 +7,8 @@ Grow-and-Prune Methods", ICLR 2022): sparse training where one part of the netwo
 
 The prunable layers (``names``, default :func:`chita_minimal.params.prunable_names`) are cut
 into ``partitions`` contiguous partitions of about equal parameter count. Every layer l keeps
-k_l weights (:func:`chita_minimal.sparse_training.layer_counts`, uniform: Σ_l k_l =
-round((1 − s)·p) exactly), first chosen by magnitude. Then, phase after phase, one partition
+k_l weights (:func:`chita_minimal.sparse_training.layer_counts` with ``distribution``
+"uniform" or "erk" as for RigL: Σ_l k_l = round((1 − s)·p) exactly), first chosen by magnitude. Then, phase after phase, one partition
 (cyclically 0, 1, …, P − 1, 0, …) is *grown*: all its weights train, the pruned ones starting
 at 0; after ``steps_per_phase`` steps it is *pruned back* to k_l weights per layer by magnitude
 and the next partition grows. The phases fill the first ``grow_end`` (default 80 %) of the
@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import params
-from .sparse_training import SparseTrainResult, _batches, _cosine, _number, _setup, layer_counts
+from .sparse_training import DISTRIBUTIONS, SparseTrainResult, _batches, _cosine, _number, _setup, layer_counts
 from .utils import check_int as _int
 
 
@@ -64,7 +64,8 @@ def _magnitude_mask(w: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def gap_train(model: nn.Module, train_dataset, sparsity: float, epochs: int, *, lr: float, partitions: int = 4,
-              steps_per_phase: int | None = None, grow_end: float = 0.8, batch_size: int = 128,
+              steps_per_phase: int | None = None, grow_end: float = 0.8, distribution: str = "uniform",
+              batch_size: int = 128,
               momentum: float = 0.9, weight_decay: float = 5e-4, nesterov: bool = True, names=None, device=None,
               seed: int = 0, callback=None, progress: bool = False) -> SparseTrainResult:
     """GaP sparse training of ``model`` in place to exactly ``sparsity`` (method "gap").
@@ -85,6 +86,8 @@ def gap_train(model: nn.Module, train_dataset, sparsity: float, epochs: int, *, 
     dense partition, or None when all are sparse).
     """
     names, device = _setup(model, train_dataset, sparsity, epochs, lr, batch_size, names, device)
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
     groups = partition_names(model, partitions, names)
     grow_end = _number("grow_end", grow_end, 0, 1, low_open=True)
     _number("momentum", momentum, 0, 1, high_open=True)
@@ -108,7 +111,7 @@ def gap_train(model: nn.Module, train_dataset, sparsity: float, epochs: int, *, 
     t0 = time.perf_counter()
     prms = dict(model.named_parameters())
     ws = {n: prms[n] for n in names}
-    counts = dict(zip(names, layer_counts([tuple(w.shape) for w in ws.values()], sparsity, "uniform")))
+    counts = dict(zip(names, layer_counts([tuple(w.shape) for w in ws.values()], sparsity, distribution)))
     masks = {n: _magnitude_mask(w, counts[n]) for n, w in ws.items()}
     params.apply_masks(model, masks)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,

@@ -127,5 +127,19 @@ def test_bad_input(data):
         gap_train(model, data, 0.5, 2, lr=0.1, callback="print", partitions=2)
     with pytest.raises(ValueError, match="unknown"):
         partition_names(model, 2, names=["fc.weight"])
+    with pytest.raises(ValueError, match="distribution"):
+        gap_train(model, data, 0.5, 2, lr=0.1, partitions=2, distribution="random")
     one = gap_train(net(), data, 0.5, 2, lr=0.1, batch_size=32, partitions=1)  # T = 20: grow all, prune back at 16
     assert [(h["layers"], h["step"]) for h in one.history] == [(NAMES, 16)] and math.isfinite(one.losses[-1])
+
+
+def test_erk_distribution_sets_the_per_layer_counts(data):
+    model = net()
+    shapes = [p.shape for n, p in model.named_parameters() if n in NAMES]
+    erk = st.layer_counts(shapes, 0.8, "erk")
+    assert erk != st.layer_counts(shapes, 0.8, "uniform")  # the test can tell the two apart
+    res = gap_train(model, data, 0.8, 4, lr=0.1, batch_size=32, partitions=3, distribution="erk")
+    assert [int(res.masks[n].sum()) for n in NAMES] == erk
+    prms = dict(model.named_parameters())
+    assert all(int((prms[n] != 0).sum()) <= k for n, k in zip(NAMES, erk))  # pruned weights are exactly zero
+    assert sum(erk) == cm.num_kept(0.8, sum(s.numel() for s in shapes))
