@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from . import params
 from .problem import num_kept
-from .sparse_training import SparseTrainResult, _batches, _cosine, _number, _setup
+from .sparse_training import SparseTrainResult, _batches, _cosine, _forward_backward, _number, _setup
 from .structured import channel_groups, flops, select, shrink, weight_groups
 from .utils import check_int as _int
 
@@ -243,11 +243,7 @@ def earlycrop_train(model: nn.Module, train_dataset, sparsity: float, epochs: in
                                 buf = opt.state[w].get("momentum_buffer")
                                 if buf is not None:
                                     buf.masked_fill_(~masks[n], 0)
-                for group in opt.param_groups:
-                    group["lr"] = _cosine(lr, step, total)
-                opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(x), y)
-                loss.backward()
+                loss = _forward_backward(model, opt, x, y, _cosine(lr, step, total))
                 if masks is not None:
                     for n, w in ws.items():
                         w.grad.masked_fill_(~masks[n], 0)

@@ -23,12 +23,12 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from . import params
-from .sparse_training import DISTRIBUTIONS, SparseTrainResult, _batches, _cosine, _number, _setup, layer_counts
+from .sparse_training import (DISTRIBUTIONS, SparseTrainResult, _batches, _cosine, _forward_backward, _number, _setup,
+                              layer_counts)
 from .utils import check_int as _int
 
 
@@ -148,11 +148,7 @@ def gap_train(model: nn.Module, train_dataset, sparsity: float, epochs: int, *, 
             bar = tqdm(_batches(train_dataset, batch_size, seed, epoch, device, dtype), total=steps,
                        desc=f"gap {epoch + 1}/{epochs}", disable=not progress, leave=False)
             for x, y in bar:
-                for group in opt.param_groups:
-                    group["lr"] = _cosine(lr, step, total)
-                opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(x), y)
-                loss.backward()
+                loss = _forward_backward(model, opt, x, y, _cosine(lr, step, total))
                 for n, w in ws.items():
                     w.grad.masked_fill_(~masks[n], 0)
                 opt.step()

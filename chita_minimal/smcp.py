@@ -57,13 +57,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from . import params, structured
 from .measure import latency as _latency
-from .sparse_training import _batches, _cosine, _number, _setup
+from .sparse_training import _batches, _cosine, _forward_backward, _number, _setup
 from .utils import check_int as _int
 
 COSTS = ("flops", "latency")
@@ -503,11 +502,7 @@ def smcp_train(model: nn.Module, train_dataset, fraction: float, epochs: int, *,
             bar = tqdm(_batches(train_dataset, batch_size, seed, epoch, device, dtype), total=steps,
                        desc=f"smcp {epoch + 1}/{epochs}", disable=not progress, leave=False)
             for x, y in bar:
-                for group in opt.param_groups:
-                    group["lr"] = _cosine(lr, step, total)
-                opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(x), y)
-                loss.backward()
+                loss = _forward_backward(model, opt, x, y, _cosine(lr, step, total))
                 step += 1
                 with torch.no_grad():
                     if not frozen:

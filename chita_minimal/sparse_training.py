@@ -100,6 +100,18 @@ def _cosine(lr, step, total):
     return lr * 0.5 * (1 + math.cos(math.pi * step / total))
 
 
+def _forward_backward(model, opt, x, y, lr):
+    """The first half of an SGD step: set the learning rate ``lr`` on every group, clear the
+    gradients, cross-entropy forward and backward. Returns the loss; the caller masks the
+    gradients and calls ``opt.step()``."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return loss
+
+
 # -----------------------------------------------------------------------------
 # layer-wise densities
 
@@ -230,11 +242,7 @@ def rigl(model: nn.Module, train_dataset, sparsity: float, epochs: int, *, lr: f
             bar = tqdm(_batches(train_dataset, batch_size, seed, epoch, device, dtype), total=total // epochs,
                        desc=f"rigl {epoch + 1}/{epochs}", disable=not progress, leave=False)
             for x, y in bar:
-                for group in opt.param_groups:
-                    group["lr"] = _cosine(lr, step, total)
-                opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(x), y)
-                loss.backward()
+                loss = _forward_backward(model, opt, x, y, _cosine(lr, step, total))
                 step += 1
                 update = step % delta_t == 0 and step < t_end * total
                 dense = {n: w.grad.detach().clone() for n, w in zip(names, ws)} if update else None
