@@ -53,6 +53,20 @@ def make_blocks(p: int, blocks) -> list[torch.Tensor]:
     return idx
 
 
+def layer_blocks(layout, block_size: int) -> list[torch.Tensor]:
+    """Blocks of ``block_size`` contiguous weights that never straddle two layers (Alg 6).
+
+    ``layout`` is a :class:`chita_minimal.params.Layout`; each layer is cut on its own (its last
+    block shorter). These are the blocks ``prune(method="chita-block"/"chita-block-iht")`` uses.
+    """
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    out = []
+    for offset, numel in zip(layout.offsets, layout.numels):
+        out.extend(b + offset for b in make_blocks(numel, block_size))
+    return out
+
+
 def block_ids(p: int, blocks, device=None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """For a block specification: (block of each coordinate (p,), its position in the block (p,), G)."""
     parts = make_blocks(p, blocks)

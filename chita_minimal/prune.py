@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import baselines, distributed, fisher, params, saliency
-from .blocks import make_blocks
+from .blocks import layer_blocks
 from .patterns import NM
 from .problem import Problem, num_kept
 from .schedules import schedule as make_schedule
@@ -188,7 +188,7 @@ def prune(model: nn.Module, dataset, sparsity: float, method: str = "chita", *, 
     stage_options = dict(options)
     solvers = {method, stage_method if method == "chita++" else None}  # the methods that solve the stages
     if solvers & set(BLOCK_METHODS):
-        stage_options["blocks"] = _layer_blocks(lay, 500 if block_size is None else block_size)
+        stage_options["blocks"] = layer_blocks(lay, 500 if block_size is None else block_size)
     elif block_size is not None:
         if solvers.isdisjoint({"wf", "cbs"}):
             raise ValueError(f"block_size is used by 'wf', 'cbs', 'chita-block' and 'chita-block-iht', "
@@ -242,14 +242,6 @@ def prune(model: nn.Module, dataset, sparsity: float, method: str = "chita", *, 
                        k=k_final, p=p, layer_sparsity=params.per_layer_sparsity(lay, w_cpu), objective=objective,
                        seconds=seconds, masks=params.masks_from(lay, mask.cpu()), l2=float(l2), n_grads=n_grads,
                        batch_size=batch_size, seed=seed, stages=stage_log)
-
-
-def _layer_blocks(lay: params.Layout, block_size: int) -> list[torch.Tensor]:
-    """Blocks of about ``block_size`` contiguous weights that never straddle two layers (Alg 6)."""
-    out = []
-    for offset, numel in zip(lay.offsets, lay.numels):
-        out.extend(b + offset for b in make_blocks(numel, block_size))
-    return out
 
 
 def _prune_layerwise(model, dataset, sparsity, *, names, n_samples, pattern, seed, device, options) -> PruneReport:

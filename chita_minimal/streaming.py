@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import fisher, params
-from .blocks import _batched_spd_solve, block_ids
+from .blocks import _batched_spd_solve, block_ids, layer_blocks
 from .iht import hard_threshold
 from .problem import num_kept
 
@@ -101,7 +101,7 @@ def block_backsolve_streamed(model, dataset, sparsity: float, *, n_grads: int = 
         accum_dtype: dtype of the Gram sums (fp64 by default; they are small).
         write_back: write the pruned weights into ``model`` (else leave it unchanged).
     """
-    from .prune import _check_sparsity, _layer_blocks
+    from .prune import _check_sparsity
 
     sparsity = _check_sparsity(sparsity)
     if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not l2 > 0:
@@ -117,7 +117,7 @@ def block_backsolve_streamed(model, dataset, sparsity: float, *, n_grads: int = 
     p = lay.p
     k = num_kept(sparsity, p)
     support = hard_threshold(w_bar, k)  # Alg 5 step 1 with α = 0: the magnitude mask
-    bid, _, G_count = block_ids(p, [len(b) for b in _layer_blocks(lay, block_size)], device=dev)
+    bid, _, G_count = block_ids(p, [len(b) for b in layer_blocks(lay, block_size)], device=dev)
     buckets = _buckets(support, bid, G_count, accum_dtype)
     w_out = w_bar * ~support  # the pruned part: its contribution r_b to each block's residual
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from chita_minimal import Problem, solve
-from chita_minimal.blocks import BlockProblem, block_backsolve, block_backsolve_looped, make_blocks
+from chita_minimal import params as cm_params
+from chita_minimal.blocks import BlockProblem, block_backsolve, block_backsolve_looped, layer_blocks, make_blocks
 from conftest import random_problem
 
 SPECS = [7, [10, 25, 5], [torch.arange(0, 40, 2), torch.arange(1, 40, 2)]]
@@ -129,3 +130,16 @@ def test_block_iht_cpu_and_cuda_agree():
     gpu = solve(X.cuda(), w_bar.cuda(), 40, l2=0.1, method="block-iht", blocks=30)
     assert torch.equal(cpu.support, gpu.support.cpu())
     torch.testing.assert_close(gpu.w.cpu(), cpu.w, atol=1e-8, rtol=1e-8)
+
+
+def test_layer_blocks_partition_each_layer_without_straddling():
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5, bias=False), torch.nn.Linear(5, 3, bias=False))
+    lay = cm_params.layout(model, cm_params.resolve(model))   # layers of 35 and 15 weights
+    blocks = layer_blocks(lay, 10)
+    assert [len(b) for b in blocks] == [10, 10, 10, 5, 10, 5]
+    assert torch.equal(torch.cat(blocks), torch.arange(lay.p))
+    layer_of = torch.repeat_interleave(torch.arange(len(lay)), torch.tensor(lay.numels))
+    assert all(len(set(layer_of[b].tolist())) == 1 for b in blocks)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="block_size"):
+            layer_blocks(lay, bad)

@@ -8,7 +8,7 @@ from torch.utils.data import TensorDataset
 import chita_minimal as cm
 from chita_minimal import fisher, params
 from chita_minimal.blocks import block_backsolve
-from chita_minimal.prune import _layer_blocks
+from chita_minimal.blocks import layer_blocks
 from chita_minimal.problem import Problem, num_kept
 from chita_minimal.streaming import block_backsolve_streamed
 
@@ -32,7 +32,7 @@ def test_equals_block_backsolve_on_full_X(sparsity, block_size, chunk):
     lay = params.layout(ref_model)
     w_bar = params.flatten(ref_model, lay)
     k = num_kept(sparsity, lay.p)
-    w_ref, s_ref = block_backsolve(Problem(sample.X, w_bar, l2), k, _layer_blocks(lay, block_size))
+    w_ref, s_ref = block_backsolve(Problem(sample.X, w_bar, l2), k, layer_blocks(lay, block_size))
     res = block_backsolve_streamed(model, ds, sparsity, n_grads=n, block_size=block_size, l2=l2, seed=3, chunk=chunk)
     assert torch.equal(res.support, s_ref)
     assert int(res.support.sum()) == k
@@ -56,7 +56,7 @@ def test_memory_is_the_grams_not_X():
     res = block_backsolve_streamed(_net(), ds, 0.9, n_grads=40, block_size=8, l2=1e-2, write_back=False)
     # every block keeps at most 8 weights, padded to a power of two: Σ s_b² + s_b ≤ (8² + 8) per block
     lay = params.layout(_net())
-    assert res.gram_numbers <= len(_layer_blocks(lay, 8)) * (64 + 8)
+    assert res.gram_numbers <= len(layer_blocks(lay, 8)) * (64 + 8)
     assert res.gram_numbers < 40 * lay.p
 
 
