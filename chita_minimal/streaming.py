@@ -106,8 +106,6 @@ def block_backsolve_streamed(model, dataset, sparsity: float, *, n_grads: int = 
     sparsity = _check_sparsity(sparsity)
     if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not l2 > 0:
         raise ValueError(f"l2 must be a number > 0, got {l2!r}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
     t_total = time.perf_counter()
     lay = params.layout(model, params.resolve(model, names))
     w_bar = params.flatten(model, lay)

@@ -7,8 +7,7 @@ from torch.utils.data import TensorDataset
 
 import chita_minimal as cm
 from chita_minimal import fisher, params
-from chita_minimal.blocks import block_backsolve
-from chita_minimal.blocks import layer_blocks
+from chita_minimal.blocks import block_backsolve, layer_blocks
 from chita_minimal.problem import Problem, num_kept
 from chita_minimal.streaming import block_backsolve_streamed
 
