@@ -70,6 +70,7 @@ def train_epochs(model: nn.Module, dataset, epochs: int, *, lr: float, momentum:
     steps_per_epoch = math.ceil(len(dataset) / batch_size)
     total = epochs * steps_per_epoch
     keeper = MaskKeeper(model, masks) if masks else None
+    acc_dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
     was_training = model.training
     model.train()
     losses = []
@@ -78,7 +79,8 @@ def train_epochs(model: nn.Module, dataset, epochs: int, *, lr: float, momentum:
         for epoch in range(epochs):
             gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
             order = torch.randperm(len(dataset), generator=gen)
-            run, seen = 0.0, 0
+            # the running loss stays on the device (no host sync per step); float64 as a Python float would be
+            run, seen = torch.zeros((), dtype=acc_dtype, device=device), 0
             bar = tqdm(range(0, len(order), batch_size), desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
                        disable=not progress or rank != 0, leave=False)
             for start in bar:
@@ -99,11 +101,12 @@ def train_epochs(model: nn.Module, dataset, epochs: int, *, lr: float, momentum:
                 opt.step()
                 if keeper is not None:
                     keeper.apply()
-                run += float(loss.detach()) * len(idx)
+                run += loss.detach().to(acc_dtype) * len(idx)
                 seen += len(idx)
                 step += 1
-                bar.set_postfix(loss=f"{run / max(seen, 1):.4f}")
-            losses.append(run / max(seen, 1))
+                if not bar.disable and (step % 20 == 0 or start + batch_size >= len(order)):
+                    bar.set_postfix(loss=f"{float(run) / max(seen, 1):.4f}")
+            losses.append(float(run) / max(seen, 1))
     finally:
         if keeper is not None:
             keeper.remove()
