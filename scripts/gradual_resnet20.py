@@ -66,10 +66,10 @@ def run_method(label, method, gradual, plan, train, test, device, checkpoints, s
         stages, epochs, final = 1, total_epochs(plan), 0
     t0 = time.perf_counter()
     res = cm.gradual(model, train, RECIPE["sparsity"], method=method, stages=stages, schedule=RECIPE["schedule"],
-                     base=RECIPE["base"], epochs_per_stage=epochs, final_epochs=final, lr=RECIPE["lr"], lr_end=RECIPE["lr_end"],
-                     batch_size=RECIPE["batch_size"], momentum=RECIPE["momentum"],
+                     base=RECIPE["base"], epochs_per_stage=epochs, final_epochs=final, lr=RECIPE["lr"],
+                     lr_end=RECIPE["lr_end"], batch_size=RECIPE["batch_size"], momentum=RECIPE["momentum"],
                      weight_decay=RECIPE["weight_decay"], augment=cifar_augment, n_grads=RECIPE["n_grads"],
-                     l2=RECIPE["l2"], prune_options={"block_size": RECIPE["block_size"]} if method != "mp" else None,
+                     l2=RECIPE["l2"], prune_options=None if method == "mp" else {"block_size": RECIPE["block_size"]},
                      eval_data=test, checkpoint=checkpoints / label.replace(" ", "_").replace("+", ""), seed=seed,
                      progress=False)
     row = dict(network="resnet20", method=label, sparsity=RECIPE["sparsity"], epochs=total_epochs(plan),
@@ -138,6 +138,7 @@ def main(argv=None) -> None:
     ap.add_argument("--budget", type=float, default=7200.0, help="seconds this run may take (chooses the schedule)")
     ap.add_argument("--schedule", choices=sorted(SCHEDULES), default=None, help="fix the schedule instead")
     ap.add_argument("--quick", action="store_true", help="1,000 training and test images, the 'quick' schedule")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the pruning steps' samples and of the batches")
     args = ap.parse_args(argv)
 
     t_start = time.perf_counter()
@@ -181,7 +182,8 @@ def main(argv=None) -> None:
                 train_images=len(train), test_images=len(test), dense_accuracy=round(dense, 2),
                 schedule=name, stages=plan[0], epochs_per_stage=plan[1], final_epochs=plan[2],
                 total_epochs=total_epochs(plan), recipe=RECIPE, seconds_per_epoch=round(epoch_s, 2),
-                seconds_per_chita_step=round(prune_s, 2), seconds_per_eval=round(eval_s, 3), budget=args.budget)
+                seconds_per_chita_step=round(prune_s, 2), seconds_per_eval=round(eval_s, 3), budget=args.budget,
+                seed=args.seed)
     rows, history = [], []
     for label, method, gradual in METHODS:
         left = args.budget - (time.perf_counter() - t_start)
@@ -189,8 +191,9 @@ def main(argv=None) -> None:
         if len(rows) >= 2 and 1.1 * guess > left:  # the first two always run: they are the comparison
             print(f"skipped {label}: about {guess:.0f} s needed, {left:.0f} s left", flush=True)
             continue
-        row, hist = run_method(label, method, gradual, plan, train, test, device, Path(args.checkpoints) / name)
-        row["dense"] = round(dense, 2)
+        row, hist = run_method(label, method, gradual, plan, train, test, device,
+                               Path(args.checkpoints) / f"{name}_seed{args.seed}", seed=args.seed)
+        row.update(dense=round(dense, 2), seed=args.seed)
         rows.append(row)
         history += hist
         print(f"{label}: {row['accuracy']:.2f} % after {row['epochs']} epochs ({row['seconds']:.0f} s)", flush=True)
