@@ -1,11 +1,11 @@
 """ResNet20 on CIFAR-10, gradual pruning to 90 %: CHITA (block backsolve) vs gradual magnitude pruning.
 
 The full-length version of the gradual chapter's ResNet20 experiment (``book/08_gradual.ipynb``),
-for a machine with a GPU: all 50,000 training images with the standard augmentation, the cubic
+for a machine with a GPU: all 50,000 training images with the standard augmentation; the cubic
 (Zhu & Gupta) sparsity schedule from 50 % (ResNet20 loses little at 50 %, so no stage is spent
-near the dense network; l2 = 1e-3 is the block backsolve's validation choice at 0.9 in the ResNet20
-chapter), SGD with a cosine learning rate in every stage and a longer
-final stage, the same recipe and number of epochs for every method. The schedule is the longest
+near the dense network); CHITA-block with l2 = 1e-3, the block backsolve's validation choice at
+0.9 in the ResNet20 chapter; SGD with a cosine learning rate within every stage and a longer final
+stage; the same recipe and number of epochs for every method. The schedule is the longest
 in ``SCHEDULES`` that the time budget allows, judged from a short timing of training steps and
 of one CHITA pruning step on this device (pass ``--schedule`` to fix it instead). Results go to
 ``<out>/gradual_resnet20.csv`` (one row per method) and ``<out>/gradual_resnet20_history.csv``
@@ -21,7 +21,6 @@ followed by the same number of fine-tuning epochs for both, while the budget las
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import platform
