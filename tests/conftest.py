@@ -1,6 +1,21 @@
 import pytest
 import torch
 
+from chita_minimal import data as _data
+
+
+def _have(name):
+    """Whether the data set ``name`` is available locally (no download tried)."""
+    try:
+        _data.load(name, "test", download=False)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+needs_mnist = pytest.mark.skipif(not _have("mnist"), reason="MNIST not available locally (set CHITA_DATA_DIR)")
+needs_cifar = pytest.mark.skipif(not _have("cifar10"), reason="CIFAR-10 not available locally (set CHITA_DATA_DIR)")
+
 
 @pytest.fixture(autouse=True)
 def _deterministic():

@@ -11,21 +11,11 @@ import torch
 from torch.utils.data import TensorDataset
 
 from chita_minimal import data
+from conftest import needs_cifar, needs_mnist
 
 MNIST_NAMES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
 
-
-def _have(name):
-    try:
-        data.load(name, "test", download=False)
-        return True
-    except FileNotFoundError:
-        return False
-
-
-needs_mnist = pytest.mark.skipif(not _have("mnist"), reason="MNIST not available locally (set CHITA_DATA_DIR)")
-needs_cifar = pytest.mark.skipif(not _have("cifar10"), reason="CIFAR-10 not available locally (set CHITA_DATA_DIR)")
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from chita_minimal import data
+from conftest import needs_cifar
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,14 +17,6 @@ def _load_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _cifar_available() -> bool:
-    try:
-        data.load("cifar10", "test", download=False)
-    except (FileNotFoundError, ValueError, OSError):
-        return False
-    return True
 
 
 def test_schedules_and_estimates():
@@ -40,7 +32,7 @@ def test_schedules_and_estimates():
     assert script.estimate(plan, 2.0, 1.0, 0.1, gradual=False, chita=True) == pytest.approx(30 * 2.0 + 1.2)
 
 
-@pytest.mark.skipif(not _cifar_available(), reason="CIFAR-10 not found locally")
+@needs_cifar
 def test_quick_run_writes_the_comparison(tmp_path):
     script = _load_script()
     # budget 1 s: the two gradual runs always run (they are the comparison), the one-shot runs are skipped
