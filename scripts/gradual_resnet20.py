@@ -86,30 +86,16 @@ def seconds_per_epoch(train, device, steps: int = 12) -> float:
     part = TensorDataset(train.tensors[0][:n], train.tensors[1][:n])
     kw = dict(lr=0.01, batch_size=RECIPE["batch_size"], augment=cifar_augment, progress=False)
     cm.train_epochs(model, part, 1, **kw)  # warm-up (kernel selection, allocator)
-    sync(device)
-    t0 = time.perf_counter()
-    cm.train_epochs(model, part, 1, **kw)
-    sync(device)
-    return (time.perf_counter() - t0) * len(train) / n
+    return cm.measure.measure(cm.train_epochs, model, part, 1, device=device, **kw).seconds * len(train) / n
 
 
 def seconds_per_prune(train, device) -> float:
     """Time one CHITA block-backsolve pruning step of the dense network (the warm one of two)."""
-    times = []
+    kw = dict(n_grads=RECIPE["n_grads"], l2=RECIPE["l2"], block_size=RECIPE["block_size"], seed=0)
     for _ in range(2):
         model = cm.models.load_pretrained("resnet20", device=device)
-        sync(device)
-        t0 = time.perf_counter()
-        cm.prune(model, train, 0.5, "chita-block", n_grads=RECIPE["n_grads"], l2=RECIPE["l2"],
-                 block_size=RECIPE["block_size"], seed=0)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return times[-1]
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        timed = cm.measure.measure(cm.prune, model, train, 0.5, "chita-block", device=device, **kw)
+    return timed.seconds
 
 
 def estimate(plan, epoch_s: float, prune_s: float, eval_s: float, gradual: bool, chita: bool) -> float:
@@ -153,10 +139,9 @@ def main(argv=None) -> None:
         train = TensorDataset(*(t.to(device) for t in train.tensors))
         test = TensorDataset(*(t.to(device) for t in test.tensors))
 
-    dense = 100 * cm.evaluate(cm.models.load_pretrained("resnet20", device=device), test)
-    t0 = time.perf_counter()
-    cm.evaluate(cm.models.load_pretrained("resnet20", device=device), test)
-    eval_s = time.perf_counter() - t0
+    dense_model = cm.models.load_pretrained("resnet20", device=device)
+    dense = 100 * cm.evaluate(dense_model, test)  # also the warm-up of the timing below
+    eval_s = cm.measure.measure(cm.evaluate, dense_model, test, device=device).seconds
     epoch_s = seconds_per_epoch(train, device)
     prune_s = seconds_per_prune(train, device)
     spent = time.perf_counter() - t_start
