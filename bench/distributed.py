@@ -1,6 +1,6 @@
 """Benchmark: time per phase of a CHITA prune with 1 and 2 ranks (torchrun; gloo on CPU, nccl on GPUs).
 
-Each configuration runs ``torchrun --nproc-per-node W -m chita_minimal.launch`` in a subprocess and
+Each configuration runs ``torchrun --nproc-per-node W -m chita_minimal.scale.launch`` in a subprocess and
 reads rank 0's JSON report. On a CPU machine the cores are shared: W ranks get cores/W threads each,
 so the comparison is at equal hardware. Prints a table and writes data/bench/distributed.csv.
 Usage: python bench/distributed.py [--models mlpnet resnet20] [--world 1 2] [--n 1000]
@@ -41,7 +41,7 @@ def main():
             threads = max(1, cores // world)
             with tempfile.TemporaryDirectory() as tmp:
                 report = Path(tmp) / "report.json"
-                cmd = [torchrun, "--nproc-per-node", str(world), "-m", "chita_minimal.launch", "--model", model,
+                cmd = [torchrun, "--nproc-per-node", str(world), "-m", "chita_minimal.scale.launch", "--model", model,
                        "--method", args.method, "--sparsity", str(args.sparsity), "--n-grads", str(args.n),
                        "--l2", "1e-3" if model == "mlpnet" else "1.0", "--threads", str(threads),
                        "--out", str(report)]

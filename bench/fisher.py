@@ -44,7 +44,8 @@ def worker(model_name: str, method: str, device: str, n: int, threads: int) -> d
     import torch
     from torch.utils.data import TensorDataset
 
-    from chita_minimal import fisher, models
+    from chita_minimal.network import fisher
+    from chita_minimal import models
 
     if threads > 0:
         torch.set_num_threads(threads)

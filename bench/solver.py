@@ -18,7 +18,7 @@ import torch
 
 import chita_minimal as cm
 from _common import write_table
-from chita_minimal.iht import line_search_step
+from chita_minimal.solver.iht import line_search_step
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -55,8 +55,8 @@ def main():
     device = cm.device(args.device)
     train = cm.data.load("mnist", "train")
     model = cm.models.load_pretrained("mlpnet", device=device)
-    lay = cm.params.layout(model, cm.params.resolve(model))
-    w_bar = cm.params.flatten(model, lay).to(device)
+    lay = cm.network.params.layout(model, cm.network.params.resolve(model))
+    w_bar = cm.network.params.flatten(model, lay).to(device)
     X = cm.gradients(model, train, args.n, seed=0, device=device, progress=False).X
     rows = []
 
@@ -72,21 +72,21 @@ def main():
         for s in SPARSITIES:
             k = cm.num_kept(s, lay.p)
             res = cm.solve(X, w_bar, k, l2=l2s[s], method=method, **opts)
-            cm.params.write_back(model, lay, res.w)
+            cm.network.params.write_back(model, lay, res.w)
             acc = 100 * cm.evaluate(model, test)
-            cm.params.write_back(model, lay, w_bar)
+            cm.network.params.write_back(model, lay, w_bar)
             emit(what=what, sparsity=s, l2=l2s[s], seconds=round(res.seconds, 3), iterations=res.iterations,
                  objective=f"{res.objective:.6g}", part=f"test accuracy {acc:.2f} %")
 
     l2_pp = tuned_l2("chita++", args.l2)[0.98]
     pp_model = cm.models.load_pretrained("mlpnet", device=device)
-    m = cm.measure.measure(cm.prune, pp_model, train, 0.98, "chita++", stages=10, n_grads=args.n, l2=l2_pp,
+    m = cm.network.measure.measure(cm.prune, pp_model, train, 0.98, "chita++", stages=10, n_grads=args.n, l2=l2_pp,
                            device=device)
     emit(what="chita++", sparsity=0.98, l2=l2_pp, seconds=round(m.seconds, 3), iterations=10,
          objective=f"{m.result.objective:.6g}", part=f"gradients {m.result.seconds['gradients']:.2f} s")
 
     l2 = tuned_l2("chita", args.l2)[0.9]
-    res, total, parts = cm.measure.profile(cm.solve, X, w_bar, cm.num_kept(0.9, lay.p), l2=l2, method="active",
+    res, total, parts = cm.network.measure.profile(cm.solve, X, w_bar, cm.num_kept(0.9, lay.p), l2=l2, method="active",
                                            functions=PARTS)
     for part, sec in parts.items():
         emit(what="profile", sparsity=0.9, l2=l2, seconds=round(sec, 3), iterations=res.iterations,

@@ -1,205 +1,207 @@
-"""``prune``: one call from a trained model to a pruned one, with CHITA or a baseline.
+"""``prune``: one call from a trained model to a pruned one, with any registered method.
 
-model ──► fisher.gradients ──► X (n×p) ──► solve / baseline ──► write back ──► PruneReport
+model ──► network.fisher.gradients ──► X (n×p) ──► method.step(Stage) ──► write back ──► PruneReport
 
-CHITA++ (the paper's Alg 1) repeats this for a schedule of sparsities, recomputing X at
-the current (already pruned) weights every stage and keeping pruned weights at zero.
+A method (see :mod:`chita_minimal.methods`) says what it needs; ``prune`` provides it: the flat
+prunable weights w̄ and k, the gradients X when ``method.needs_gradients``, an N:M pattern, the
+mask of weights that must stay zero. A multi-stage method (CHITA++, the paper's Alg 1) plans
+several steps, and X is recomputed at the current (already pruned) weights for each. A
+:class:`~chita_minimal.methods.base.ModelMethod` (SparseGPT) runs the whole call itself.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+import warnings
 
 import torch
 from torch import nn
 
-from . import baselines, distributed, fisher, params, saliency
-from .blocks import layer_blocks
-from .patterns import NM
-from .problem import Problem, num_kept
-from .schedules import schedule as make_schedule
-from .solve import solve
-
-CHITA_METHODS = {"chita": "active", "chita-iht": "iht", "chita-bso": "backsolve", "chita-block": "block",
-                 "chita-block-iht": "block-iht"}
-BLOCK_METHODS = ("chita-block", "chita-block-iht")
-BASELINE_METHODS = ("mp", "wf", "mfac", "cbs")
-PEER_METHODS = ("snip", "taylor", "l1-filter", "sparsegpt")  # saliency, structured and layer-wise neighbours
-PRUNE_METHODS = (*CHITA_METHODS, "chita++", *BASELINE_METHODS, *PEER_METHODS)
-PATTERN_METHODS = ("chita", "chita-iht", "chita-bso", "mp", "sparsegpt")  # methods that take pattern="N:M"
-DP_GRID = (0.0, 0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.97, 0.98, 0.99)  # levels of allocation="dp"
+from chita_minimal import methods
+from chita_minimal.methods.base import PRUNE_ARGUMENTS, ModelMethod, OptionError, Settings, Stage, dataset_size
+from chita_minimal.network import fisher, memory, params
+from chita_minimal.network.samples import as_dataset
+from chita_minimal.report import PruneReport
+from chita_minimal.scale import distributed
+from chita_minimal.solver.patterns import NM, parse_pattern, row_length
+from chita_minimal.solver.problem import num_kept
+from chita_minimal.utils import check_sparsity
 
 
-@dataclass
-class PruneReport:
-    """What :func:`prune` did.
-
-    sparsity: requested; achieved_sparsity: measured on the prunable weights;
-    layer_sparsity: per prunable parameter; objective: f(w) of problem (P) at the last
-    stage (None for magnitude pruning, which builds no X); seconds: time per phase
-    ("gradients", "solve", "total"); masks: bool tensors (True = kept) per parameter,
-    ready for :class:`chita_minimal.params.MaskKeeper`; stages: one dict per CHITA++ stage.
-    """
-
-    method: str
-    sparsity: float
-    achieved_sparsity: float
-    k: int
-    p: int
-    layer_sparsity: dict[str, float]
-    objective: float | None
-    seconds: dict[str, float]
-    masks: dict[str, torch.Tensor] = field(repr=False)
-    l2: float = 0.0
-    n_grads: int = 0
-    batch_size: int = 1
-    seed: int = 0
-    stages: list[dict] = field(default_factory=list, repr=False)
+def __getattr__(name):  # PRUNE_METHODS: the registered names, as of now
+    if name == "PRUNE_METHODS":
+        return tuple(methods.REGISTRY)
+    raise AttributeError(f"module 'chita_minimal.prune' has no attribute {name!r}")
 
 
-def _check_sparsity(sparsity) -> float:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise TypeError(f"sparsity must be a number in [0, 1), got {type(sparsity).__name__}")
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
-    return float(sparsity)
+def _check_number(name, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    return float(value)
 
 
-DISTRIBUTED_SOLVERS = ("chita", "chita-iht", "chita-bso", "chita-block")  # solved on row-sharded X; others gather X
-
-
-def _solve_stage(method, X, w_bar, k, l2, alpha, mask, options, sharded=False, pattern=None, layout=None,
-                 sparsity=None):
-    """One pruning step on the flat weights: returns (w, support, objective or None).
-
-    ``sharded``: X holds this rank's rows (torch.distributed); methods that cannot work on
-    row shards gather the full X on every rank first (memory n·p per rank). ``pattern``: an
-    N:M constraint (:class:`chita_minimal.patterns.NM`) instead of global top-k.
-    """
-    if sharded and method not in DISTRIBUTED_SOLVERS and method not in ("mp", "l1-filter"):
-        X, sharded = distributed.gather_rows(X), False
-    if method in CHITA_METHODS:
-        res = solve(X, w_bar, None if pattern is not None else k, l2=l2, alpha=alpha, method=CHITA_METHODS[method],
-                    mask=mask, distributed=sharded, pattern=pattern, **options)
-        return res.w, res.support, res.objective
-    if method == "mp":
-        out = baselines.magnitude(w_bar, k) if pattern is None else baselines.Pruned(*pattern.project(w_bar))
-        return out.w, out.support, None
-    if method == "l1-filter":
-        out = saliency.l1_filter(w_bar, layout, sparsity, **options)
-        return out.w, out.support, None
-    if method in ("snip", "taylor"):
-        out = getattr(saliency, method)(X, w_bar, k)
-        return out.w, out.support, Problem(X, w_bar, l2, alpha).objective(out.w) if l2 > 0 else None
-    if l2 <= 0:
-        raise ValueError(f"method {method!r} needs l2 > 0 (it damps the Fisher F = XᵀX/n + l2·I)")
-    fn = {"wf": baselines.woodfisher, "mfac": baselines.mfac, "cbs": baselines.cbs}[method]
-    out = fn(X, w_bar, k, l2=l2, **options)
-    return out.w, out.support, Problem(X, w_bar, l2, alpha).objective(out.w)
-
-
-def prune(model: nn.Module, dataset, sparsity: float, method: str = "chita", *, n_grads: int = 1000,
-          batch_size: int = 1, l2: float = 1e-3, seed: int = 0, param_names=None, device=None,
-          first_order: bool = False, schedule: str = "exp", stages: int = 10, base: float = 0.1,
-          stage_method: str = "chita", block_size: int | None = None, progress: bool = False,
-          keep_pruned: bool = False, pattern: str | None = None,
+def prune(model: nn.Module, dataset, sparsity: float, method="chita", *, n_grads: int = 1000,
+          batch_size: int = 1, l2: float = 1e-3, seed: int = 0, names=None, device=None,
+          first_order: bool = False, keep_pruned: bool = False, pattern: str | None = None,
+          progress: bool = False, loss_fn=None, output_fn=None, max_memory=None, param_names=None,
           **options) -> PruneReport:
-    """Prune ``model`` in place to ``sparsity`` with CHITA or a baseline; returns a :class:`PruneReport`.
+    """Prune ``model`` in place to ``sparsity`` with ``method``; returns a :class:`~chita_minimal.report.PruneReport`.
 
     Args:
-        model: a trained network; its Conv/Linear weights (or ``params_names``) are pruned.
-        dataset: (x, y) samples used for the n gradient rows of the empirical Fisher.
+        model: a trained network; its Conv/Linear weights (or the parameters ``names``) are pruned.
+        dataset: the samples for the n gradient rows of the empirical Fisher (or calibration samples):
+            an indexable dataset, a ``DataLoader`` (its dataset is used), or any iterable of batches
+            (the first n_grads·batch_size samples are taken); a sample is ``(x, y)`` — x a tensor, a
+            tuple or a dict of model inputs — or an HF-style dict with "labels" (see
+            :mod:`chita_minimal.network.samples`). None for a method that needs no data (e.g. "mp").
         sparsity: fraction of the prunable weights set to zero, in [0, 1).
-        method: "chita" (active-set IHT, Alg 4), "chita-iht" (line-search IHT, Alg 2/3),
-            "chita-bso" (backsolve, Alg 5), "chita-block" (block backsolve, Alg 6, blocks of
-            ``block_size``), "chita-block-iht" (active-set IHT on the block-diagonal Fisher with
-            one global top-k, then the per-block backsolve), "chita++" (multi-stage, Alg 1: ``schedule``, ``stages``, ``base``,
-            each stage solved with ``stage_method``), or the baselines "mp" (magnitude),
-            "wf" (WoodFisher), "mfac" (M-FAC), "cbs" (Combinatorial Brain Surgeon); and CHITA's
-            neighbours: "snip" (|ḡ ⊙ w̄|), "taylor" (mean (g_i ⊙ w̄)², Molchanov et al.), "l1-filter"
-            (whole conv filters by L1 norm, ``sparsity`` = fraction of filters per conv layer; the
-            report's achieved_sparsity is the fraction of weights removed), "sparsegpt" (layer-wise
-            OBS reconstruction from n_grads·batch_size calibration samples, see
-            :mod:`chita_minimal.layerwise`; option ``allocation``: "uniform" per-layer sparsity,
-            "dp" (SPDY-like dynamic programming over per-layer error tables on ``DP_GRID``, the
-            achieved sparsity is then ≥ the target), or a dict name → sparsity).
+        method: a registered name — ``cm.methods.available()`` lists them with one line each: "chita"
+            (Alg 4), "chita-iht", "chita-bso", "chita-block", "chita-block-iht", "chita++", "mp", "wf",
+            "mfac", "cbs", "snip", "taylor", "l1-filter", "sparsegpt" — or a method object such as
+            ``cm.methods.WoodFisher(block_size=50)``.
+        options: the method's own options when ``method`` is a name, e.g. ``block_size`` for "wf",
+            "cbs", "chita-block"; ``schedule``, ``stages``, ``base``, ``stage_method`` for "chita++"
+            (plus the options of its stage method). An option the method does not have is an error
+            that lists the valid ones.
         n_grads, batch_size: rows of X and samples per row (mini-batch size m).
         l2: ridge weight of (P) (λ = l2·n/2); the damping of the baselines' Fisher.
         seed: seed of the gradient sample (stage t of CHITA++ uses seed + t).
-        first_order: include the first-order term α = Σ_i X_i (n times the mean gradient).
+        names: the parameters to prune (default: every Conv/Linear weight).
         device: where gradients and the solve run (default: the model's device).
-        block_size: Fisher block width for "wf"/"cbs" (their default 100 when None) and block
-            size of "chita-block"/"chita-block-iht" (default 500); their blocks never straddle two layers.
-        keep_pruned: weights that are zero already stay zero (gradual pruning of a pruned network);
-            CHITA methods solve with them fixed at zero, baselines must not revive them.
+        first_order: include the first-order term α = Σ_i X_i (n times the mean gradient).
+        keep_pruned: weights that are zero already stay zero (gradual pruning of a pruned network).
         pattern: "N:M" (e.g. "2:4") semi-structured sparsity instead of a global top-k: exactly N
-            weights kept in every group of M consecutive weights of a row (the weight viewed as
-            (out, rest)); ``sparsity`` must then be 1 − N/M. Methods in ``PATTERN_METHODS``.
-        options: passed to the solver or baseline (e.g. ``update`` for "wf", ``steps`` for "mfac").
+            weights kept in every group of M consecutive weights of a row; ``sparsity`` must then be
+            1 − N/M. For methods with ``takes_pattern``. With the default ``names``, layers whose rows
+            M does not divide (e.g. a first conv with rows of 27) are left dense, with a warning
+            naming them; parameters named explicitly must all fit (else a ValueError names them).
+        progress: a progress bar for the gradients.
+        loss_fn: ``loss_fn(output, target)``, the mean loss of a mini-batch (default cross-entropy);
+            output_fn: what of the model's output the loss reads (default: the tensor itself, or
+            ``.logits`` / ``["logits"]`` / the first element of a tuple).
+        max_memory: bytes (or "8GB", "512MiB") that X and the method's working set may take; default the
+            free memory of the device. Checked before X is built: when it does not fit, "chita-block"
+            streams the gradients instead (the report says so in its notes), every other method
+            raises a ValueError with the figures and the ways out, and nothing is allocated.
+        param_names: deprecated name of ``names``.
 
     The model is changed only when every step succeeded; on error it is left untouched.
     """
-    if method not in PRUNE_METHODS:
-        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(PRUNE_METHODS)}")
-    if method == "chita++" and stage_method not in (*CHITA_METHODS, *BASELINE_METHODS):
-        raise ValueError(f"unknown stage_method {stage_method!r}; valid: {', '.join((*CHITA_METHODS, *BASELINE_METHODS))}")
-    sparsity = _check_sparsity(sparsity)
-    distributed.check_same(method=method, sparsity=sparsity, n_grads=n_grads, batch_size=batch_size, l2=l2,
-                           seed=seed, stage_method=stage_method, schedule=schedule, stages=stages)
+    if param_names is not None:
+        warnings.warn("prune(param_names=...) is now prune(names=...)", DeprecationWarning, stacklevel=2)
+        if names is not None:
+            raise TypeError("give names or its old name param_names, not both")
+        names = param_names
+    try:
+        method = methods.get(method, **options)
+    except OptionError as e:
+        raise OptionError(f"{e}; prune's own arguments: {', '.join(PRUNE_ARGUMENTS)}") from None
+    sparsity = check_sparsity("sparsity", sparsity)
     if isinstance(n_grads, bool) or not isinstance(n_grads, int) or n_grads < 1:
         raise ValueError(f"n_grads must be an int >= 1, got {n_grads!r}")
-    if isinstance(l2, bool) or not isinstance(l2, (int, float)) or l2 < 0:
-        raise ValueError(f"l2 must be a number >= 0, got {l2!r}")
-    size = _size_of(dataset)
+    l2 = _check_number("l2", l2)
+    distributed.check_same(method=repr(method), sparsity=sparsity, n_grads=n_grads, batch_size=batch_size, l2=l2,
+                           seed=seed)
     if pattern is not None:
-        if method not in PATTERN_METHODS:
-            raise ValueError(f"pattern is supported by methods {', '.join(PATTERN_METHODS)}, not {method!r}")
+        if not method.takes_pattern:
+            valid = [n for n, c in methods.REGISTRY.items() if c.takes_pattern]
+            raise ValueError(f"pattern is supported by methods {', '.join(valid)}, not {method.name!r}")
         if keep_pruned:
             raise ValueError("pattern cannot be combined with keep_pruned=True")
-        from .patterns import parse_pattern
-
         n_of, m_of = parse_pattern(pattern)
         if abs(sparsity - (1 - n_of / m_of)) > 1e-9:
             raise ValueError(f"pattern {pattern!r} keeps {n_of} of every {m_of} weights: sparsity must be "
                              f"{1 - n_of / m_of:g}, got {sparsity}")
-    if method == "sparsegpt":
-        return _prune_layerwise(model, dataset, sparsity, names=param_names, n_samples=n_grads * batch_size,
-                                pattern=pattern, seed=seed, device=device, options=options)
-    needs_grads = method not in ("mp", "l1-filter") and not (method == "chita++" and stage_method == "mp")
-    if needs_grads and size < n_grads * batch_size:
+        if names is None:
+            names = _pattern_layers(model, pattern, m_of)
+    settings = Settings(n_grads=n_grads, batch_size=batch_size, l2=l2, seed=seed, names=names, device=device,
+                        first_order=first_order, keep_pruned=keep_pruned, pattern=pattern, progress=progress,
+                        loss_fn=loss_fn, output_fn=output_fn, max_memory=max_memory)
+    if max_memory is not None:
+        memory.parse_bytes(max_memory)
+    if dataset is not None:
+        dataset = as_dataset(dataset, n_grads * batch_size)
+    if isinstance(method, ModelMethod):
+        return method.prune_model(model, dataset, sparsity, settings)
+    plan = method.plan(sparsity)
+    if any(m.needs_gradients for _, m in plan) and (size := dataset_size(dataset)) < n_grads * batch_size:
         raise ValueError(f"dataset has {size} samples but n_grads·batch_size = {n_grads}·{batch_size} = "
                          f"{n_grads * batch_size} are needed")
-    names = params.resolve(model, param_names)
+    if any(m.needs_l2 for _, m in plan) and l2 <= 0:
+        bad = next(m.name for _, m in plan if m.needs_l2)
+        raise ValueError(f"method {bad!r} needs l2 > 0 (it damps the Fisher F = XᵀX/n + l2·I)")
+    return _run(model, dataset, sparsity, method, plan, settings)
+
+
+def _pattern_layers(model, pattern, m) -> list[str]:
+    """The default prunable weights whose rows an N:M pattern can cut; the others are skipped, with a warning."""
+    shapes = {name: prm.shape for name, prm in model.named_parameters()}
+    default = params.resolve(model, None)
+    skipped = [n for n in default if row_length(shapes[n]) % m or shapes[n].numel() == 0]
+    if skipped:
+        if len(skipped) == len(default):
+            raise ValueError(f"no prunable weight has rows divisible by M = {m} for pattern {pattern!r}")
+        warnings.warn(f"pattern {pattern!r}: left dense (row length not divisible by {m}): "
+                      + ", ".join(f"{n} {tuple(shapes[n])}" for n in skipped), stacklevel=3)
+    return [n for n in default if n not in skipped]
+
+
+def _memory_advice(mem, method, s, p, itemsize) -> str:
+    fit = max(0, (mem.available - (mem.solver_bytes or 0)) // max(1, p * itemsize))
+    return (f"method {method.name!r} with n_grads = {s.n_grads} needs {memory.human(mem.total)} "
+            f"(X: {s.n_grads} × {p:,} × {itemsize} bytes = {memory.human(mem.x_bytes)}, working set "
+            f"{memory.human(mem.solver_bytes)}) but {memory.human(mem.available)} are available ({mem.limit} on "
+            f"{mem.device}); nothing was allocated and the model is unchanged. Ways out: fewer gradients "
+            f"(n_grads = {fit} would fit X), a block method (method='chita-block' streams the gradients when X "
+            "does not fit: scale.streaming), another device (device=...), or a larger max_memory")
+
+
+def _streamed_report(model, lay, method, sparsity, out, s, mem, names, original, t_total) -> PruneReport:
+    """prune's report for the streamed block backsolve (no X, so no objective of (P))."""
+    w = out.w
+    if not torch.isfinite(w).all():
+        raise ValueError(f"method {method.name!r} produced non-finite weights (try a larger l2)")
+    params.write_back(model, lay, w.to(original.device))
+    seconds = {"gradients": out.seconds["gradients"], "solve": out.seconds["accumulate"] + out.seconds["solve"],
+               "total": time.perf_counter() - t_total}
+    note = f"X would not fit ({mem}): block backsolve from streamed gradients (scale.streaming), X never built"
+    w_cpu = w.detach().cpu()
+    return PruneReport(method=method.name, target=sparsity, achieved=1.0 - int((w_cpu != 0).sum()) / lay.p,
+                       k=int(out.support.sum()), p=lay.p, layer_sparsity=params.per_layer_sparsity(lay, w_cpu),
+                       objective=None, seconds=seconds, masks=params.masks_from(lay, out.support.cpu()),
+                       l2=float(s.l2), n_grads=s.n_grads, batch_size=s.batch_size, seed=s.seed,
+                       stages=[dict(stage=0, sparsity=sparsity, method=method.name, streamed=True)],
+                       dense=params.dense_parameters(model, names), notes=[note])
+
+
+def _run(model, dataset, sparsity, method, plan, s: Settings) -> PruneReport:
+    """The steps of ``plan`` on the flat prunable weights; the model is written only at the end."""
+    names = params.resolve(model, s.names)
     lay = params.layout(model, names)
     original = params.flatten(model, lay)
     if not torch.isfinite(original).all():
         bad = [nm for nm, v in params.split(lay, original).items() if not torch.isfinite(v).all()]
         raise ValueError(f"prunable weights contain NaN/Inf in: {', '.join(bad)}")
-    dev = torch.device(device) if device is not None else original.device
+    dev = torch.device(s.device) if s.device is not None else original.device
     p = lay.p
-    nm = None if pattern is None else NM.for_layout(pattern, lay).to(dev)
+    nm = None if s.pattern is None else NM.for_layout(s.pattern, lay).to(dev)
     k_final = num_kept(sparsity, p) if nm is None else nm.k
 
-    if method == "chita++":
-        plan = [(s, stage_method) for s in make_schedule(schedule, sparsity, stages, base)]
-    else:
-        plan = [(sparsity, method)]
-    stage_options = dict(options)
-    solvers = {method, stage_method if method == "chita++" else None}  # the methods that solve the stages
-    if solvers & set(BLOCK_METHODS):
-        stage_options["blocks"] = layer_blocks(lay, 500 if block_size is None else block_size)
-    elif block_size is not None:
-        if solvers.isdisjoint({"wf", "cbs"}):
-            raise ValueError(f"block_size is used by 'wf', 'cbs', 'chita-block' and 'chita-block-iht', "
-                             f"not by method {method!r}")
-        stage_options["block_size"] = block_size
-
     t_total = time.perf_counter()
+    if any(m.needs_gradients for _, m in plan):
+        mem = memory.plan(s.n_grads, p, original.element_size(),
+                          max(m.working_bytes(s.n_grads, p, k_final, original.element_size()) for _, m in plan),
+                          dev, s.max_memory)
+        if not mem.fits:
+            streamed = getattr(method, "prune_streamed", None)
+            out = streamed(model, dataset, sparsity, s, names) if streamed and len(plan) == 1 else None
+            if out is None:
+                raise memory.MemoryPlanError(_memory_advice(mem, method, s, p, original.element_size()))
+            return _streamed_report(model, lay, method, sparsity, out, s, mem, names, original, t_total)
     seconds = {"gradients": 0.0, "solve": 0.0}
     stage_log = []
     w = original.to(dev)
-    mask = (w != 0) if keep_pruned else None
+    mask = (w != 0) if s.keep_pruned else None
     objective = None
     try:
         for t, (s_t, m_t) in enumerate(plan):
@@ -207,91 +209,42 @@ def prune(model: nn.Module, dataset, sparsity: float, method: str = "chita", *, 
             if mask is not None:
                 k_t = min(k_t, int(mask.sum()))
             X, alpha, sharded = None, None, False
-            if m_t not in ("mp", "l1-filter"):
+            if m_t.needs_gradients:
                 t0 = time.perf_counter()
                 if t > 0:
                     params.write_back(model, lay, w.to(original.device))  # gradients at the masked weights
-                sample = fisher.gradients(model, dataset, n_grads, batch_size=batch_size, params=names,
-                                          device=dev, seed=seed + t, progress=progress)
+                sample = fisher.gradients(model, dataset, s.n_grads, batch_size=s.batch_size, params=names,
+                                          device=dev, seed=s.seed + t, progress=s.progress, loss_fn=s.loss_fn,
+                                          output_fn=s.output_fn)
                 X, sharded = sample.X, sample.sharded
-                if first_order:
+                if s.first_order:
                     alpha = sample.mean_grad * sample.n_total
+                if sharded and not m_t.takes_sharded:  # methods that cannot work on row shards get all of X
+                    X, sharded = distributed.gather_rows(X), False
                 seconds["gradients"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            stage_mask = mask if m_t in CHITA_METHODS else None
-            w_new, support, objective = _solve_stage(m_t, X, w, k_t, l2, alpha, stage_mask, stage_options, sharded,
-                                                     pattern=nm, layout=lay, sparsity=s_t)
-            if m_t == "l1-filter":
-                k_final = int(support.sum())  # whole filters: the kept count follows the filters
+            step = m_t.step(Stage(X=X, w=w, k=k_t, l2=s.l2, alpha=alpha, mask=mask if m_t.takes_mask else None,
+                                  sharded=sharded, pattern=nm, layout=lay, sparsity=s_t))
+            support, objective = step.support, step.objective
+            if not m_t.exact_k:
+                k_final = int(support.sum())  # e.g. whole filters: the kept count follows the filters
             seconds["solve"] += time.perf_counter() - t0
             if mask is not None and bool((support & ~mask).any()):
                 # a stage solver without a mask argument revived pruned weights: keep them pruned
-                raise RuntimeError(f"stage {t} ({m_t}) revived pruned weights")
-            w, mask = w_new, support
-            stage_log.append(dict(stage=t, sparsity=s_t, k=k_t, method=m_t, objective=objective,
+                raise RuntimeError(f"stage {t} ({m_t.name}) revived pruned weights")
+            w, mask = step.w, support
+            stage_log.append(dict(stage=t, sparsity=s_t, k=k_t, method=m_t.name, objective=objective,
                                   seconds=time.perf_counter() - t0))
         if not torch.isfinite(w).all():
-            raise ValueError(f"method {method!r} produced non-finite weights (try a larger l2)")
+            raise ValueError(f"method {method.name!r} produced non-finite weights (try a larger l2)")
         params.write_back(model, lay, w.to(original.device))
     except BaseException:
         params.write_back(model, lay, original)  # leave the model as it was
         raise
     seconds["total"] = time.perf_counter() - t_total
     w_cpu = w.detach().cpu()
-    return PruneReport(method=method, sparsity=sparsity, achieved_sparsity=1.0 - int((w_cpu != 0).sum()) / p,
+    return PruneReport(method=method.name, target=sparsity, achieved=1.0 - int((w_cpu != 0).sum()) / p,
                        k=k_final, p=p, layer_sparsity=params.per_layer_sparsity(lay, w_cpu), objective=objective,
-                       seconds=seconds, masks=params.masks_from(lay, mask.cpu()), l2=float(l2), n_grads=n_grads,
-                       batch_size=batch_size, seed=seed, stages=stage_log)
-
-
-def _prune_layerwise(model, dataset, sparsity, *, names, n_samples, pattern, seed, device, options) -> PruneReport:
-    """``prune(method="sparsegpt")``: layer-wise OBS reconstruction (see :mod:`chita_minimal.layerwise`)."""
-    from . import layerwise
-    from .patterns import parse_pattern
-
-    opts = dict(options)
-    allocation = opts.pop("allocation", "uniform")
-    grid = opts.pop("grid", DP_GRID)
-    if _size_of(dataset) < n_samples:
-        raise ValueError(f"dataset has {_size_of(dataset)} samples but {n_samples} calibration samples are needed")
-    names = params.resolve(model, names)
-    lay = params.layout(model, names)
-    original = params.flatten(model, lay)
-    t0 = time.perf_counter()
-    seconds = {"gradients": 0.0}
-    try:
-        if isinstance(allocation, str) and allocation == "dp":
-            if pattern is not None:
-                raise ValueError("allocation='dp' cannot be combined with an N:M pattern")
-            t1 = time.perf_counter()
-            H = layerwise.calibration_hessians(model, dataset, n_samples, names=names, device=device, seed=seed)
-            errors = layerwise.layer_errors(model, dataset, grid, names=names, hessians=H,
-                                            **{k: v for k, v in opts.items() if k in ("blocksize", "percdamp")})
-            sizes = dict(zip(lay.names, lay.numels))
-            allocation = layerwise.allocate(errors, sizes, grid, sparsity)
-            seconds["allocation"] = time.perf_counter() - t1
-        rep = layerwise.layerwise_prune(model, dataset, None if pattern is not None else sparsity,
-                                        n_samples=n_samples, names=names, device=device, seed=seed,
-                                        pattern=None if pattern is None else parse_pattern(pattern),
-                                        allocation=allocation, **opts)
-    except BaseException:
-        params.write_back(model, lay, original)
-        raise
-    seconds["gradients"] = rep.seconds["hessians"]  # the calibration passes play the role of the gradients
-    seconds["solve"] = rep.seconds["total"] - rep.seconds["hessians"]
-    seconds["total"] = time.perf_counter() - t0
-    w = params.flatten(model, lay).detach().cpu()
-    support = torch.cat([rep.masks[nm].reshape(-1) for nm in lay.names])
-    return PruneReport(method="sparsegpt", sparsity=sparsity, achieved_sparsity=1.0 - int((w != 0).sum()) / lay.p,
-                       k=int(support.sum()), p=lay.p, layer_sparsity=params.per_layer_sparsity(lay, w),
-                       objective=None, seconds=seconds, masks=params.masks_from(lay, support), l2=0.0,
-                       n_grads=n_samples, batch_size=1, seed=seed,
-                       stages=[dict(stage=0, sparsity=sparsity, allocation=allocation if isinstance(allocation, dict)
-                                    else "uniform")])
-
-
-def _size_of(dataset) -> int:
-    try:
-        return len(dataset)
-    except TypeError:
-        raise TypeError("dataset must be a sized, indexable dataset of (x, y) pairs") from None
+                       seconds=seconds, masks=params.masks_from(lay, mask.cpu()), l2=float(s.l2), n_grads=s.n_grads,
+                       batch_size=s.batch_size, seed=s.seed, stages=stage_log,
+                       dense=params.dense_parameters(model, names))

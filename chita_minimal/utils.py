@@ -1,8 +1,12 @@
-"""Small helpers shared by the package: device choice, seeding, argument checks."""
+"""Small helpers shared by the package: device choice, seeding, argument checks, renamed arguments."""
 
 from __future__ import annotations
 
+import functools
+import importlib
+import math
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -29,3 +33,76 @@ def check_int(name: str, value, low: int | None = 1) -> int:
     if low is not None and value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
     return value
+
+
+def check_number(arg, value, low=None, high=None, low_open=False, high_open=False) -> float:
+    """``value`` as a float if it is a number in the bounds (``*_open``: strict); TypeError/ValueError naming ``arg``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise TypeError(f"{arg} must be a number, got {value!r}")
+    if (low is not None and (value <= low if low_open else value < low)) or \
+            (high is not None and (value >= high if high_open else value > high)):
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        raise ValueError(f"{arg} must lie in {'(' if low_open else '['}{lo}, {hi}{')' if high_open else ']'}, "
+                         f"got {value}")
+    return float(value)
+
+
+def lazy_submodules(package: str, names: tuple[str, ...]):
+    """A module ``__getattr__`` (PEP 562) that imports ``package.<name>`` on first access.
+
+    Each subpackage's ``__init__`` uses it so that ``cm.structure.smcp`` works without importing
+    every module (and every dependency between layers) at ``import chita_minimal``.
+    """
+
+    def __getattr__(name: str):
+        if name in names:
+            return importlib.import_module(f"{package}.{name}")
+        raise AttributeError(f"module {package!r} has no attribute {name!r}; its modules: {', '.join(names)}")
+
+    return __getattr__
+
+
+def check_sparsity(name: str, value) -> float:
+    """``value`` as a float in [0, 1): the fraction of weights removed; TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number in [0, 1), got {type(value).__name__}")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must lie in [0, 1), got {value}")
+    return float(value)
+
+
+def renamed(**aliases: str):
+    """Decorator: keep each old keyword name of a function working for one release as a deprecated alias.
+
+        @renamed(blocksize="block_size")
+        def sparsegpt_layer(W, H, sparsity=None, *, block_size=128): ...
+
+        sparsegpt_layer(W, H, 0.5, blocksize=64)    # DeprecationWarning, the same as block_size=64
+
+    A call with an old name emits ``DeprecationWarning("<fn>(<old>=...) is now <fn>(<new>=...)")`` and
+    passes the value on under the new name; giving both names is a TypeError. Positional calls are not
+    affected. The wrapper keeps the function's name, docstring and signature (``functools.wraps``) and
+    lists the aliases in ``__renamed__`` (old → new).
+    """
+    for old, new in aliases.items():
+        if not isinstance(new, str) or not new.isidentifier() or new == old:
+            raise ValueError(f"renamed: the new name of {old!r} must be another identifier, got {new!r}")
+
+    def decorate(fn):
+        name = fn.__name__
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            for old, new in aliases.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{name}() got both {new}= and its deprecated old name {old}=; give {new}= only")
+                    warnings.warn(f"{name}({old}=...) is now {name}({new}=...)", DeprecationWarning, stacklevel=2)
+                    kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+
+        wrapper.__renamed__ = dict(aliases)
+        return wrapper
+
+    return decorate

@@ -1,6 +1,6 @@
 """ResNet20 on CIFAR-10, gradual pruning to 90 %: CHITA (block backsolve) vs gradual magnitude pruning.
 
-The full-length version of the gradual chapter's ResNet20 experiment (``book/08_gradual.ipynb``),
+The full-length version of the gradual chapter's ResNet20 experiment (``book/gradual.ipynb``),
 for a machine with a GPU: all 50,000 training images with the standard augmentation; the cubic
 (Zhu & Gupta) sparsity schedule from 50 % (ResNet20 loses little at 50 %, so no stage is spent
 near the dense network); CHITA-block with l2 = 1e-3, the block backsolve's validation choice at
@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import chita_minimal as cm
-from chita_minimal.evaluate import cifar_augment
+from chita_minimal.network.evaluate import cifar_augment
 
 # (stages, epochs per stage, final epochs): total epochs = stages * epochs + final.
 SCHEDULES = {
@@ -72,10 +72,10 @@ def run_method(label, method, gradual, plan, train, test, device, checkpoints, s
                      eval_data=test, checkpoint=checkpoints / label.replace(" ", "_").replace("+", ""), seed=seed,
                      progress=False)
     row = dict(network="resnet20", method=label, sparsity=RECIPE["sparsity"], epochs=total_epochs(plan),
-               accuracy=round(res.final_accuracy, 2), achieved_sparsity=round(res.history[-1]["achieved_sparsity"], 4),
+               accuracy=round(res.final_accuracy, 2), achieved_sparsity=round(res.achieved, 4),
                seconds=round(time.perf_counter() - t0, 1))
     history = [dict(method=label, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()
-                                     if k != "method"}) for h in res.history]
+                                     if k != "method"}) for h in res.stages]
     return row, history
 
 
@@ -86,7 +86,7 @@ def seconds_per_epoch(train, device, steps: int = 12) -> float:
     part = TensorDataset(train.tensors[0][:n], train.tensors[1][:n])
     kw = dict(lr=0.01, batch_size=RECIPE["batch_size"], augment=cifar_augment, progress=False)
     cm.train_epochs(model, part, 1, **kw)  # warm-up (kernel selection, allocator)
-    return cm.measure.measure(cm.train_epochs, model, part, 1, device=device, **kw).seconds * len(train) / n
+    return cm.network.measure.measure(cm.train_epochs, model, part, 1, device=device, **kw).seconds * len(train) / n
 
 
 def seconds_per_prune(train, device) -> float:
@@ -94,7 +94,7 @@ def seconds_per_prune(train, device) -> float:
     kw = dict(n_grads=RECIPE["n_grads"], l2=RECIPE["l2"], block_size=RECIPE["block_size"], seed=0)
     for _ in range(2):
         model = cm.models.load_pretrained("resnet20", device=device)
-        timed = cm.measure.measure(cm.prune, model, train, 0.5, "chita-block", device=device, **kw)
+        timed = cm.network.measure.measure(cm.prune, model, train, 0.5, "chita-block", device=device, **kw)
     return timed.seconds
 
 
@@ -141,7 +141,7 @@ def main(argv=None) -> None:
 
     dense_model = cm.models.load_pretrained("resnet20", device=device)
     dense = 100 * cm.evaluate(dense_model, test)  # also the warm-up of the timing below
-    eval_s = cm.measure.measure(cm.evaluate, dense_model, test, device=device).seconds
+    eval_s = cm.network.measure.measure(cm.evaluate, dense_model, test, device=device).seconds
     epoch_s = seconds_per_epoch(train, device)
     prune_s = seconds_per_prune(train, device)
     spent = time.perf_counter() - t_start

@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export CHITA_QUICK=1
-.venv/bin/python -m pytest tests book --nbmake --nbmake-timeout=900 -q "$@"
+.venv/bin/python -m pytest tests book --nbmake --nbmake-timeout=900 -q --durations=30 "$@"

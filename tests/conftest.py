@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from chita_minimal import data as _data
+from chita_minimal.data import datasets as _data
 
 
 def _have(name):

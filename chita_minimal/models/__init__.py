@@ -1,10 +1,10 @@
 """Network definitions of the CHITA paper and their pretrained checkpoints."""
 
-from .mlpnet import MLPNet
-from .mobilenet import MobileNetV1, mobilenet_v1
-from .pretrained import ARCHITECTURES, INPUT_SHAPES, MODEL_NAMES, load_pretrained
-from .resnet50 import ResNet50, resnet50
-from .resnet_cifar import ResNetCifar, resnet20
+from chita_minimal.models.mlpnet import MLPNet
+from chita_minimal.models.mobilenet import MobileNetV1, mobilenet_v1
+from chita_minimal.models.pretrained import ARCHITECTURES, INPUT_SHAPES, MODEL_NAMES, load_pretrained
+from chita_minimal.models.resnet50 import ResNet50, resnet50
+from chita_minimal.models.resnet_cifar import ResNetCifar, resnet20
 
 __all__ = [
     "MLPNet", "resnet20", "mobilenet_v1", "resnet50", "load_pretrained",

@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .._files import candidate_folders, download_allowed, file_hash, import_pooch, shared_dir
-from .mlpnet import MLPNet
-from .mobilenet import mobilenet_v1
-from .resnet50 import resnet50
-from .resnet_cifar import resnet20
+from chita_minimal.data.files import candidate_folders, download_allowed, file_hash, import_pooch, shared_dir
+from chita_minimal.models.mlpnet import MLPNet
+from chita_minimal.models.mobilenet import mobilenet_v1
+from chita_minimal.models.resnet50 import resnet50
+from chita_minimal.models.resnet_cifar import resnet20
 
 # Names load_pretrained accepts, and the data set each was trained on.
 MODEL_NAMES = ("mlpnet", "resnet20")

@@ -1,0 +1,64 @@
+"""The SGD loop shared by the sparse-training methods (RigL, L0, GaP, EarlyCroP) and SMCP.
+
+Their conventions are those of :func:`chita_minimal.network.finetune.train_epochs`: SGD on a
+TensorDataset, batches from a permutation drawn with ``seed`` + epoch, cross-entropy loss and a
+cosine learning rate from ``lr`` to 0 over all steps. Each method masks the gradients of its own
+between :func:`forward_backward` and ``opt.step()``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chita_minimal.network import params
+from chita_minimal.solver.problem import num_kept
+from chita_minimal.utils import check_int, check_number
+
+
+def setup(model, dataset, sparsity, epochs, lr, batch_size, names, device):
+    """Validate the shared arguments; returns (names, device). Moves the model if ``device`` is given."""
+    if not isinstance(model, nn.Module) or next(model.parameters(), None) is None:
+        raise TypeError(f"model must be a torch.nn.Module with parameters, got {type(model).__name__}")
+    if not isinstance(dataset, torch.utils.data.TensorDataset):
+        raise TypeError(f"dataset must be a TensorDataset (inputs, labels), got {type(dataset).__name__}")
+    if len(dataset) == 0:
+        raise ValueError("dataset is empty")
+    num_kept(sparsity, 1)  # TypeError / ValueError unless 0 <= sparsity < 1
+    check_int("epochs", epochs)
+    check_number("lr", lr, 0, low_open=True)
+    check_int("batch_size", batch_size)
+    names = params.resolve(model, names)
+    if device is not None:
+        model.to(device)
+    return names, next(model.parameters()).device
+
+
+def epoch_batches(dataset, batch_size, seed, epoch, device, dtype):
+    """(x, y) batches of one epoch, in a permutation drawn with seed and epoch (as train_epochs)."""
+    X, Y = dataset.tensors[0], dataset.tensors[1]
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        x = X[idx]
+        yield (x.to(device, dtype=dtype) if x.is_floating_point() else x.to(device)), Y[idx].to(device)
+
+
+def cosine_lr(lr, step, total):
+    """The learning rate at ``step`` of ``total``: cosine from ``lr`` down to 0."""
+    return lr * 0.5 * (1 + math.cos(math.pi * step / total))
+
+
+def forward_backward(model, opt, x, y, lr):
+    """The first half of an SGD step: set the learning rate ``lr`` on every group, clear the
+    gradients, cross-entropy forward and backward. Returns the loss; the caller masks the
+    gradients and calls ``opt.step()``."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return loss

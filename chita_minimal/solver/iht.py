@@ -1,0 +1,213 @@
+"""Iterative hard thresholding for (P): the paper's Alg 3, with the step size of Alg 2.
+
+Each iteration costs one Xᵀr and one X·d pass; the residual r = y − Xw is kept up to
+date instead of being recomputed, so a line-search iteration costs about what one
+bare ``X @ w`` + ``X.T @ r`` pass costs.
+
+The constraint is global top-k, or an N:M pattern (``pattern``, a
+:class:`chita_minimal.solver.patterns.NM`, with k = pattern.k): H_k becomes the top-N of every
+group, and τ_c of Alg 2 takes the largest pruned |g_j| per group.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from chita_minimal.solver.problem import Problem
+
+# When more than this fraction of coordinates changes, one dense matvec beats a column gather
+# (gathering columns of a row-major X reads scattered memory).
+_DENSE_UPDATE_FRACTION = 0.02
+
+
+def hard_threshold(v: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k largest |v_i| (H_k in the paper).
+
+    Ties at the k-th magnitude are broken deterministically: the lower index wins.
+    """
+    p = v.numel()
+    if k >= p:
+        return torch.ones_like(v, dtype=torch.bool)
+    a = v.abs()
+    kth = torch.topk(a, k, sorted=False).values.min()
+    mask = a > kth
+    need = k - int(mask.sum())
+    if need > 0:
+        ties = torch.nonzero(a == kth).squeeze(1)[:need]
+        mask[ties] = True
+    return mask
+
+
+def project(u: torch.Tensor, k: int, pattern=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """H_k applied to values: (u with all but its k largest |entries| set to 0, the kept mask).
+
+    With an N:M ``pattern``: the top-N |entries| of every group instead (k = pattern.k).
+    """
+    if pattern is not None:
+        return pattern.project(u)
+    mask = hard_threshold(u, k)
+    return torch.where(mask, u, torch.zeros_like(u)), mask
+
+
+def support_of(w: torch.Tensor, k: int, pattern=None) -> torch.Tensor:
+    """The k kept coordinates of w: its nonzeros, filled up (lowest indices first) when fewer than k
+    (with an N:M ``pattern``: filled up to N in every group)."""
+    if pattern is not None:
+        return pattern.support_of(w)
+    support = w != 0
+    missing = k - int(support.sum())
+    if missing > 0:
+        support[torch.nonzero(~support).squeeze(1)[:missing]] = True
+    return support
+
+
+def _step_to_keep_support(w, g, support, pattern=None):
+    """τ_c: the largest τ for which H_k(w − τg) keeps the support of w (Alg 2).
+
+    For i in S, |w_i − τ g_i| stays ≥ τ·max_{j∉S}|g_j| until
+    τ_i = |w_i| / (sign(w_i)·g_i + M); τ_c is the smallest such τ_i. With an N:M
+    ``pattern`` the competition is within a group: M is the max over the pruned j of i's group.
+    """
+    if pattern is None:
+        M = torch.where(support, torch.zeros_like(g), g.abs()).max()
+    else:
+        M = pattern.max_pruned(g, support)
+    denom = torch.sign(w) * g + M
+    ok = support & (denom > 0)
+    ratios = torch.where(ok, w.abs() / torch.where(ok, denom, torch.ones_like(denom)), torch.full_like(w, float("inf")))
+    return float(ratios.min())
+
+
+def _threshold_step(problem: Problem, w, r, g, Xd, d, tau, k, pattern=None):
+    """w⁺ = H_k(w − τg) and its residual, reusing X·d: X w⁺ = Xw + τXd + X_Δ δ_Δ."""
+    u = w - tau * g
+    w_new, mask = project(u, k, pattern)
+    delta = w_new - w - tau * d  # nonzero only where the support changed
+    changed = torch.nonzero(delta).squeeze(1)
+    if changed.numel() > _DENSE_UPDATE_FRACTION * w.numel():
+        r_new = problem.residual(w_new)
+    else:
+        r_new = r - tau * Xd - problem.matvec_cols(changed, delta[changed])
+    return w_new, mask, r_new
+
+
+def line_search_step(problem: Problem, w, r, f, k, tol, cg=None, pattern=None):
+    """One IHT iteration with the step size of Alg 2. Returns (w, support, r, f).
+
+    τ* = ‖d_S‖²/(‖X_S d_S‖² + 2λ‖d_S‖²) is the exact minimiser along d = −∇f on the
+    support S; τ_c is the largest step that keeps S after thresholding. If τ* ≤ τ_c
+    the support stays and the exact step is taken — along the conjugate direction
+    d + β·d_prev when the previous step kept the same support (``cg``, a dict this
+    function updates; Fletcher–Reeves β), which makes the weights on a stable support
+    converge like conjugate gradients rather than steepest descent, at no extra matvec
+    (X·d_prev is carried). When the support cannot stay, or the step no longer makes
+    progress (relative decrease < tol, i.e. w is optimal on S), the steps τ_c·2^j,
+    j = 0…5, are tried with thresholding, doubling while f decreases; if none lowers
+    f, the safe step 1/L is tried. f never increases. ``pattern``: an N:M constraint
+    (k = pattern.k; "full support" then means N nonzeros in every group).
+    """
+    support = w != 0
+    full_support = int(support.sum()) >= k
+    g = problem.gradient(w, r)
+    d = torch.where(support, -g, torch.zeros_like(g))  # descent direction on S
+    dd = float(torch.dot(d, d))
+    Xd = problem.matvec(d)
+    tau_star = dd / (problem.rdot(Xd, Xd) + 2.0 * problem.lam * dd) if dd > 0 else 0.0
+    tau_c = _step_to_keep_support(w, g, support, pattern) if full_support else 0.0
+
+    best = (w, support, r, f)
+    if full_support and 0.0 < tau_star <= tau_c:
+        # the support stays: exact minimiser along d (or its conjugate), no thresholding needed
+        step, Xstep, tau = d, Xd, tau_star
+        if cg is not None and cg.get("dd"):
+            beta = dd / cg["dd"]
+            step_cg = d + beta * cg["d"]
+            Xstep_cg = Xd + beta * cg["Xd"]
+            slope = -float(torch.dot(g, step_cg))  # −gᵀd_cg > 0 for a descent direction
+            curv = problem.rdot(Xstep_cg, Xstep_cg) + 2.0 * problem.lam * float(torch.dot(step_cg, step_cg))
+            if slope > 0 and curv > 0:
+                step, Xstep, tau = step_cg, Xstep_cg, slope / curv
+        w_new = w + tau * step
+        r_new = r - tau * Xstep
+        best = (w_new, support, r_new, problem.objective(w_new, r_new))
+        if cg is not None:
+            cg.update(d=step, Xd=Xstep, dd=dd)
+        if f - best[3] > tol * abs(f):
+            return best
+    if cg is not None:
+        cg.clear()  # the support may change: restart the conjugate directions
+
+    # explore support changes: τ_c, 2τ_c, … (τ* when w has fewer than k nonzeros) while f decreases
+    # τ_c itself is a tie (a kept and a pruned coordinate have equal magnitude after the step) that
+    # rounding would decide: start just past it, where the support really changes
+    tau = tau_c * (1.0 + 64 * torch.finfo(w.dtype).eps) if tau_c > 0 else tau_star
+    improved = False
+    if 0.0 < tau < float("inf"):
+        for _ in range(6):  # the start and ≤ 5 doublings
+            cand = _threshold_step(problem, w, r, g, Xd, d, tau, k, pattern)
+            f_c = problem.objective(cand[0], cand[2])
+            if f_c < best[3]:
+                best, improved = (*cand, f_c), True
+            elif improved:
+                break  # past the best step along this path
+            tau *= 2.0
+    if best[3] < f:
+        return best
+    # fall back to the safe step 1/L (monotone by the majorisation argument)
+    w_new, mask, r_new = _threshold_step(problem, w, r, g, Xd, d, 1.0 / problem.lipschitz(), k, pattern)
+    f_new = problem.objective(w_new, r_new)
+    return (w_new, mask, r_new, f_new) if f_new < f else best
+
+
+def fixed_step(problem: Problem, w, r, f, k, tol, cg=None, pattern=None):
+    """One IHT iteration with the fixed step 1/L (Alg 3 without line search)."""
+    g = problem.gradient(w, r)
+    u = w - g / problem.lipschitz()
+    w_new, mask = project(u, k, pattern)
+    r_new = problem.residual(w_new)
+    return w_new, mask, r_new, problem.objective(w_new, r_new)
+
+
+def iht(problem: Problem, k: int | None, w0: torch.Tensor | None = None, *, line_search: bool = True,
+        max_iter: int = 500, tol: float = 1e-7, pattern=None, refit: int | None = None):
+    """IHT for (P) (Alg 3); step size by line search (Alg 2) or fixed 1/L.
+
+    Starts from ``w0`` thresholded to k (default H_k(w̄), the magnitude-pruning
+    point). Stops when the relative objective change falls below ``tol`` or after
+    ``max_iter`` iterations. Returns (w, support, trace, iterations) where trace holds
+    f at the start and after every iteration (non-increasing for the line search).
+    With an N:M ``pattern`` (:class:`chita_minimal.solver.patterns.NM`), k is None or pattern.k.
+
+    ``refit``: after this many consecutive iterations on an unchanged support, jump to the
+    exact minimiser on that support (the restricted ridge solve of Alg 5) when it lowers f,
+    instead of converging to it step by step — many iterations on an ill-conditioned
+    support (small l2, n < k) become one solve. None: never.
+    """
+    if pattern is not None:
+        k = pattern.check_k(k)
+    start = problem.w_bar if w0 is None else w0
+    w, support = project(start, k, pattern)
+    r = problem.residual(w)
+    f = problem.objective(w, r)
+    trace = [f]
+    step = line_search_step if line_search else fixed_step
+    cg = {}
+    it = 0
+    stable = 0
+    for it in range(1, max_iter + 1):
+        w, new_support, r, f_new = step(problem, w, r, f, k, tol, cg, pattern)
+        stable = stable + 1 if torch.equal(new_support, support) else 0
+        support = new_support
+        if refit and stable == refit:  # the support has settled: solve on it exactly
+            w_r = problem.ridge(support_of(w, k, pattern))
+            r_r = problem.residual(w_r)
+            f_r = problem.objective(w_r, r_r)
+            if f_r < f_new:
+                w, r, f_new = w_r, r_r, f_r
+                cg.clear()
+        trace.append(f_new)
+        converged = abs(f - f_new) <= tol * max(abs(f), 1e-30)
+        f = f_new
+        if converged:
+            break
+    return w, support_of(w, k, pattern), trace, it

@@ -1,0 +1,16 @@
+"""Structure removed, not just zeroed: channels, low rank, quantization.
+
+| module | what |
+|---|---|
+| ``channels`` | channel groups, ``shrink`` (channels really removed), FLOP counter, L1/Taylor scores, FLOP-budget selection, group-CHITA |
+| ``sosp`` | SOSP-H channel scores (second-order, Fisher) |
+| ``spectral`` | Hessian-spectral-radius channel scores |
+| ``ispasp`` | I-SpaSP: CoSaMP-style channel selection on hidden outputs |
+| ``smcp`` | SMCP soft channel masks with a FLOP/latency knapsack |
+| ``lowrank`` | ALDS-style SVD factorisation with min-max error rank allocation |
+| ``quantize`` | OBQ/GPTQ-style and round-to-nearest quantization, sparse + quantized |
+"""
+
+from chita_minimal.utils import lazy_submodules
+
+__getattr__ = lazy_submodules(__name__, ("channels", "sosp", "spectral", "ispasp", "smcp", "lowrank", "quantize"))

@@ -1,0 +1,146 @@
+"""The block-diagonal problem of Alg 6: its operator, the batched per-block backsolve, block IHT."""
+
+import pytest
+import torch
+
+from chita_minimal.solver.problem import Problem
+from chita_minimal.solver.solve import solve
+from chita_minimal.network import params as cm_params
+from chita_minimal.solver.blocks import (BlockProblem, block_backsolve, block_backsolve_looped, layer_blocks, make_blocks)
+from conftest import random_problem
+
+SPECS = [7, [10, 25, 5], [torch.arange(0, 40, 2), torch.arange(1, 40, 2)]]
+
+
+def dense_block_diagonal(X, blocks):
+    """X̃ = diag(X_1, …, X_G) as a (G·n, p) matrix (tiny problems only)."""
+    n, p = X.shape
+    parts = make_blocks(p, blocks)
+    out = torch.zeros(len(parts) * n, p, dtype=X.dtype)
+    for g, b in enumerate(parts):
+        out[g * n:(g + 1) * n, b] = X[:, b]
+    return out
+
+
+@pytest.mark.parametrize("blocks", SPECS)
+def test_operator_is_the_block_diagonal_matrix(blocks):
+    X, w_bar = random_problem(n=12, p=40, seed=1)
+    Xt = dense_block_diagonal(X, blocks)
+    bp = BlockProblem(X, w_bar, blocks, l2=0.3)
+    v, r = torch.randn(40, dtype=X.dtype), torch.randn(Xt.shape[0], dtype=X.dtype)
+    torch.testing.assert_close(bp.matvec(v), Xt @ v)
+    torch.testing.assert_close(bp.rmatvec(r), Xt.T @ r)
+    idx = torch.tensor([3, 17, 30])
+    torch.testing.assert_close(bp.matvec_cols(idx, v[idx]), Xt[:, idx] @ v[idx])
+    # the same objective as Problem on the dense block-diagonal matrix, also after restriction
+    ref = Problem(Xt, w_bar, 0.3)
+    ref.lam = bp.lam  # λ = l2·n/2 uses the n of one block
+    w = torch.randn(40, dtype=X.dtype)
+    assert bp.objective(w) == pytest.approx(ref.objective(w), rel=1e-10)
+    keep = torch.tensor([0, 5, 6, 21, 39])
+    w_sub = torch.zeros(40, dtype=X.dtype)
+    w_sub[keep] = w[keep]
+    assert bp.restrict(keep).objective(w[keep]) == pytest.approx(bp.objective(w_sub), rel=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("blocks", SPECS)
+@pytest.mark.parametrize("with_alpha", [False, True])
+def test_batched_and_looped_block_backsolve_agree(dtype, blocks, with_alpha):
+    X, w_bar = random_problem(n=12, p=40, seed=2, dtype=dtype)
+    alpha = 0.1 * torch.randn(40, dtype=dtype) if with_alpha else None
+    problem = Problem(X, w_bar, 0.2, alpha)
+    for k in [3, 17, 33]:
+        w1, s1 = block_backsolve(problem, k, blocks)
+        w2, s2 = block_backsolve_looped(problem, k, blocks)
+        assert torch.equal(s1, s2) and int((w1 != 0).sum()) <= k
+        tol = 1e-10 if dtype == torch.float64 else 1e-4
+        torch.testing.assert_close(w1, w2, atol=tol, rtol=tol)
+
+
+def test_batched_block_backsolve_woodbury_and_singular_paths():
+    X, w_bar = random_problem(n=6, p=40, seed=3)  # blocks of 20 > n = 6: the n×n Woodbury form
+    problem = Problem(X, w_bar, 0.5)
+    support = torch.zeros(40, dtype=torch.bool)
+    support[::2] = True
+    torch.testing.assert_close(block_backsolve(problem, 20, 20, support)[0],
+                               block_backsolve_looped(problem, 20, 20, support)[0])
+    singular = Problem(X, w_bar, 0.0)  # λ = 0 and 10 columns on 6 rows per block: minimum-norm least squares
+    torch.testing.assert_close(block_backsolve(singular, 20, 20, support)[0],
+                               block_backsolve_looped(singular, 20, 20, support)[0])
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_block_iht_with_one_block_equals_the_active_set(seed):
+    X, w_bar = random_problem(n=25, p=60, seed=seed)
+    k = 5 + 4 * seed
+    full = solve(X, w_bar, k, l2=0.05, method="active")
+    block = solve(X, w_bar, k, l2=0.05, method="block-iht", blocks=60)
+    assert torch.equal(full.support, block.support)
+    torch.testing.assert_close(block.w, full.w, atol=1e-9, rtol=1e-9)
+    assert block.objective == pytest.approx(full.objective, rel=1e-9)
+
+
+@pytest.mark.parametrize("blocks", SPECS)
+def test_block_iht_keeps_one_global_k_and_improves_on_block_backsolve(blocks):
+    X, w_bar = random_problem(n=12, p=40, seed=4)
+    parts = make_blocks(40, blocks)
+    for k in [4, 13, 29]:
+        res = solve(X, w_bar, k, l2=0.1, method="block-iht", blocks=blocks)
+        assert int(res.support.sum()) == k and int((res.w != 0).sum()) <= k
+        assert not bool((res.w[~res.support] != 0).any())
+        assert all(a >= b - 1e-9 * abs(a) for a, b in zip(res.trace, res.trace[1:]))  # monotone
+        # the block objective is the quantity both minimise: block IHT starts at block backsolve's support
+        bp = BlockProblem(X, w_bar, blocks, l2=0.1)
+        w_bso, _ = block_backsolve(Problem(X, w_bar, 0.1), k, blocks)
+        assert bp.objective(res.w) <= bp.objective(w_bso) + 1e-9
+        # the support is not a fixed quota per block: the counts follow the global top-k
+        assert sum(int(res.support[b].sum()) for b in parts) == k
+
+
+def test_block_iht_moves_away_from_the_magnitude_mask():
+    # α = 0: block backsolve keeps the magnitude-pruning mask; block IHT does not have to
+    X, w_bar = random_problem(n=30, p=60, seed=5, correlation=0.5)
+    moved = 0
+    for k in [10, 20, 30, 40]:
+        res = solve(X, w_bar, k, l2=0.01, method="block-iht", blocks=15)
+        bso = solve(X, w_bar, k, l2=0.01, method="block", blocks=15)
+        moved += not torch.equal(res.support, bso.support)
+        assert res.trace[-1] <= BlockProblem(X, w_bar, 15, 0.01).objective(bso.w) + 1e-9
+    assert moved >= 3
+
+
+def test_block_iht_respects_a_mask():
+    X, w_bar = random_problem(n=12, p=40, seed=6)
+    mask = torch.rand(40, generator=torch.Generator().manual_seed(0)) < 0.6
+    res = solve(X, w_bar, 10, l2=0.1, method="block-iht", blocks=8, mask=mask)
+    assert int(res.support.sum()) == 10 and not bool((res.support & ~mask).any())
+    assert not bool((res.w[~mask] != 0).any())
+
+
+def test_block_iht_needs_blocks():
+    X, w_bar = random_problem(n=12, p=40, seed=7)
+    with pytest.raises(ValueError, match="needs blocks"):
+        solve(X, w_bar, 10, method="block-iht")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available on this machine")
+def test_block_iht_cpu_and_cuda_agree():
+    X, w_bar = random_problem(n=25, p=200, seed=8)
+    cpu = solve(X, w_bar, 40, l2=0.1, method="block-iht", blocks=30)
+    gpu = solve(X.cuda(), w_bar.cuda(), 40, l2=0.1, method="block-iht", blocks=30)
+    assert torch.equal(cpu.support, gpu.support.cpu())
+    torch.testing.assert_close(gpu.w.cpu(), cpu.w, atol=1e-8, rtol=1e-8)
+
+
+def test_layer_blocks_partition_each_layer_without_straddling():
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5, bias=False), torch.nn.Linear(5, 3, bias=False))
+    lay = cm_params.layout(model, cm_params.resolve(model))   # layers of 35 and 15 weights
+    blocks = layer_blocks(lay, 10)
+    assert [len(b) for b in blocks] == [10, 10, 10, 5, 10, 5]
+    assert torch.equal(torch.cat(blocks), torch.arange(lay.p))
+    layer_of = torch.repeat_interleave(torch.arange(len(lay)), torch.tensor(lay.numels))
+    assert all(len(set(layer_of[b].tolist())) == 1 for b in blocks)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="block_size"):
+            layer_blocks(lay, bad)
