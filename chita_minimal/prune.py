@@ -25,7 +25,7 @@ from chita_minimal.report import PruneReport
 from chita_minimal.scale import distributed
 from chita_minimal.solver.patterns import NM, parse_pattern, row_length
 from chita_minimal.solver.problem import num_kept
-from chita_minimal.utils import check_sparsity
+from chita_minimal.utils import check_sparsity, renamed
 
 
 def __getattr__(name):  # PRUNE_METHODS: the registered names, as of now
@@ -40,11 +40,11 @@ def _check_number(name, value) -> float:
     return float(value)
 
 
+@renamed(param_names="names")
 def prune(model: nn.Module, dataset, sparsity: float, method="chita", *, n_grads: int = 1000,
           batch_size: int = 1, l2: float = 1e-3, seed: int = 0, names=None, device=None,
           first_order: bool = False, keep_pruned: bool = False, pattern: str | None = None,
-          progress: bool = False, loss_fn=None, output_fn=None, max_memory=None, param_names=None,
-          **options) -> PruneReport:
+          progress: bool = False, loss_fn=None, output_fn=None, max_memory=None, **options) -> PruneReport:
     """Prune ``model`` in place to ``sparsity`` with ``method``; returns a :class:`~chita_minimal.report.PruneReport`.
 
     Args:
@@ -66,7 +66,8 @@ def prune(model: nn.Module, dataset, sparsity: float, method="chita", *, n_grads
         n_grads, batch_size: rows of X and samples per row (mini-batch size m).
         l2: ridge weight of (P) (λ = l2·n/2); the damping of the baselines' Fisher.
         seed: seed of the gradient sample (stage t of CHITA++ uses seed + t).
-        names: the parameters to prune (default: every Conv/Linear weight).
+        names: the parameters to prune (default: every linear map, see
+            :func:`chita_minimal.network.params.prunable_names`; the old keyword ``param_names`` still works).
         device: where gradients and the solve run (default: the model's device).
         first_order: include the first-order term α = Σ_i X_i (n times the mean gradient).
         keep_pruned: weights that are zero already stay zero (gradual pruning of a pruned network).
@@ -83,15 +84,9 @@ def prune(model: nn.Module, dataset, sparsity: float, method="chita", *, n_grads
             free memory of the device. Checked before X is built: when it does not fit, "chita-block"
             streams the gradients instead (the report says so in its notes), every other method
             raises a ValueError with the figures and the ways out, and nothing is allocated.
-        param_names: deprecated name of ``names``.
 
     The model is changed only when every step succeeded; on error it is left untouched.
     """
-    if param_names is not None:
-        warnings.warn("prune(param_names=...) is now prune(names=...)", DeprecationWarning, stacklevel=2)
-        if names is not None:
-            raise TypeError("give names or its old name param_names, not both")
-        names = param_names
     try:
         method = methods.get(method, **options)
     except OptionError as e:
@@ -142,7 +137,7 @@ def _pattern_layers(model, pattern, m) -> list[str]:
         if len(skipped) == len(default):
             raise ValueError(f"no prunable weight has rows divisible by M = {m} for pattern {pattern!r}")
         warnings.warn(f"pattern {pattern!r}: left dense (row length not divisible by {m}): "
-                      + ", ".join(f"{n} {tuple(shapes[n])}" for n in skipped), stacklevel=3)
+                      + ", ".join(f"{n} {tuple(shapes[n])}" for n in skipped), stacklevel=4)
     return [n for n in default if n not in skipped]
 
 
@@ -213,7 +208,7 @@ def _run(model, dataset, sparsity, method, plan, s: Settings) -> PruneReport:
                 t0 = time.perf_counter()
                 if t > 0:
                     params.write_back(model, lay, w.to(original.device))  # gradients at the masked weights
-                sample = fisher.gradients(model, dataset, s.n_grads, batch_size=s.batch_size, params=names,
+                sample = fisher.gradients(model, dataset, s.n_grads, batch_size=s.batch_size, names=names,
                                           device=dev, seed=s.seed + t, progress=s.progress, loss_fn=s.loss_fn,
                                           output_fn=s.output_fn)
                 X, sharded = sample.X, sample.sharded

@@ -33,10 +33,10 @@ FORMAT = "chita_minimal.pruned/1"
 
 
 def _json_safe(value):
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, (torch.Tensor, nn.Module)):
         return None
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items() if not isinstance(v, torch.Tensor)}
+        return {str(k): _json_safe(v) for k, v in value.items() if not isinstance(v, (torch.Tensor, nn.Module))}
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
@@ -51,7 +51,8 @@ def _report_metadata(report) -> dict:
         return {}
     if not dataclasses.is_dataclass(report):
         raise TypeError(f"report must be a report object returned by a pruning call, got {type(report).__name__}")
-    fields = {f.name: getattr(report, f.name) for f in dataclasses.fields(report) if f.name != "masks"}
+    fields = {f.name: getattr(report, f.name) for f in dataclasses.fields(report)
+              if f.name != "masks" and not isinstance(getattr(report, f.name), nn.Module)}
     return {"type": type(report).__name__, **_json_safe(fields)}
 
 

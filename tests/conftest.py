@@ -1,3 +1,10 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -84,3 +91,25 @@ class TinyMLP(_MLPNet):
         self.fc1 = nn.Linear(16, 6, bias=False)
         self.fc2 = nn.Linear(6, 5, bias=False)
         self.fc3 = nn.Linear(5, 10, bias=False)
+
+
+# ----------------------------------------------------------------------------- the book, built once per session
+
+
+@pytest.fixture(scope="session")
+def built_book(tmp_path_factory):
+    """The book built once per test session (jupyter-book build -W --keep-going, from the outputs stored in the
+    notebooks) into a temporary folder, or into $CHITA_BOOK_OUTPUT (relative to the repository) when it is set:
+    CI sets it to the repository, so that scripts/book.sh then finds the HTML up to date and publishes the build
+    that was tested. Shared by tests/test_book.py and tests/test_browser.py. Returns returncode, log (stdout +
+    stderr) and html (the _build/html folder)."""
+    jb = Path(sys.executable).parent / "jupyter-book"
+    if not jb.exists() and shutil.which("jupyter-book") is None:
+        pytest.skip("jupyter-book is not installed (pip install -e '.[book]')")
+    root = Path(__file__).resolve().parents[1]
+    out = root / os.environ["CHITA_BOOK_OUTPUT"] if os.environ.get("CHITA_BOOK_OUTPUT") \
+        else tmp_path_factory.mktemp("book")
+    proc = subprocess.run([str(jb) if jb.exists() else "jupyter-book", "build", str(root), "--path-output", str(out),
+                           "-W", "--keep-going"], capture_output=True, text=True, timeout=1200)
+    return SimpleNamespace(returncode=proc.returncode, log=proc.stdout + proc.stderr, html=out / "_build" / "html")
+

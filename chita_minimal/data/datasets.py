@@ -7,10 +7,11 @@ Where the files come from (first match wins):
 
 1. the ``root`` argument, if given (only that folder, then a download if allowed);
 2. else ``$CHITA_DATA_DIR``;
-3. else ``<repo root>/../shared/data`` (the offline copies next to this repository), if it exists;
+3. else ``<repo root>/../shared/data`` (the offline copies next to this repository), if it exists and
+   ``CHITA_NO_SHARED`` is not set;
 4. else files downloaded earlier into the pooch cache (``pooch.os_cache("chita_minimal")``);
 5. else a download from the public source into that cache, unless ``download=False`` or
-   ``CHITA_NO_DOWNLOAD=1``.
+   ``CHITA_NO_DOWNLOAD=1``; ``CHITA_DOWNLOAD_BASE_URL`` points it at a mirror (see data/files.py).
 
 A data folder holds ``mnist/<the four .gz files>`` and
 ``cifar10/cifar-10-batches-py/<batch files>``. Every file is hash-checked before it is
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from chita_minimal.data.files import candidate_folders, download_allowed, file_hash, import_pooch, shared_dir
+from chita_minimal.data.files import candidate_folders, download_allowed, file_hash, import_pooch, retrieve, shared_dir
 
 DATASETS = ("mnist", "cifar10")
 SPLITS = ("train", "test")
@@ -185,11 +186,10 @@ def _download(name: str, split: str) -> Path:
     if name == "mnist":
         for rel in _MNIST_FILES[split]:
             fname = rel.split("/")[-1]
-            pooch.retrieve(_MNIST_URL + fname, known_hash=f"sha256:{_SHA256[rel]}", fname=fname,
-                           path=cache / "mnist", progressbar=True)
+            retrieve(_MNIST_URL + fname, f"sha256:{_SHA256[rel]}", fname, cache / "mnist")
     else:  # the archive unpacks to cifar10/cifar-10-batches-py/
-        pooch.retrieve(_CIFAR_URL, known_hash=f"md5:{_CIFAR_ARCHIVE_MD5}", fname="cifar-10-python.tar.gz",
-                       path=cache / "cifar10", processor=pooch.Untar(extract_dir="."), progressbar=True)
+        retrieve(_CIFAR_URL, f"md5:{_CIFAR_ARCHIVE_MD5}", "cifar-10-python.tar.gz", cache / "cifar10",
+                 processor=pooch.Untar(extract_dir="."))
     return cache
 
 

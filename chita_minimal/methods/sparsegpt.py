@@ -12,6 +12,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from chita_minimal.methods import layerwise
 from chita_minimal.methods.base import ModelMethod, dataset_size, register
@@ -22,6 +23,25 @@ from chita_minimal.utils import check_int
 
 DP_GRID = (0.0, 0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.97, 0.98, 0.99)  # levels of allocation="dp"
 ALLOCATIONS = ("uniform", "dp")
+
+
+def _layer_weights(model) -> list[str]:
+    """The default prunable weights SparseGPT can reconstruct: those of Linear and ungrouped Conv2d modules
+    that are called as modules (it records their inputs with forward hooks); the others — attention
+    projections, which ``nn.MultiheadAttention`` applies as functions, and depthwise convs — stay dense,
+    with a warning naming them."""
+    default = params.owners(model, None)
+    in_attention = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    ok = [n for n, (m, attr) in default.items()
+          if attr == "weight" and isinstance(m, (nn.Linear, nn.Conv2d)) and getattr(m, "groups", 1) == 1
+          and id(m) not in in_attention]
+    skipped = [n for n in default if n not in ok]
+    if skipped:
+        warnings.warn("sparsegpt reconstructs Linear and ungrouped Conv2d weights only; left dense: "
+                      + ", ".join(skipped), stacklevel=5)
+    if not ok:
+        raise ValueError("sparsegpt found no Linear or ungrouped Conv2d weight to prune in this model")
+    return ok
 
 
 @register
@@ -64,7 +84,7 @@ class SparseGPT(ModelMethod):
         size = dataset_size(data)
         if size < n_samples:
             raise ValueError(f"dataset has {size} samples but {n_samples} calibration samples are needed")
-        names = params.resolve(model, settings.names)
+        names = params.resolve(model, settings.names) if settings.names is not None else _layer_weights(model)
         lay = params.layout(model, names)
         original = params.flatten(model, lay)
         allocation = self.allocation

@@ -7,10 +7,12 @@ Where the checkpoint comes from (first match wins):
 
 1. the ``root`` argument, if given (only that folder, then a download if allowed);
 2. else ``$CHITA_CHECKPOINT_DIR``;
-3. else ``<repo root>/../shared/checkpoints`` (the offline copies next to this repository), if it exists;
+3. else ``<repo root>/../shared/checkpoints`` (the offline copies next to this repository), if it exists and
+   ``CHITA_NO_SHARED`` is not set;
 4. else files downloaded earlier into ``pooch.os_cache("chita_minimal")/checkpoints``;
 5. else a download of the authors' file (github.com/mazumder-lab/CHITA, ``checkpoints/``),
-   unless ``download=False`` or ``CHITA_NO_DOWNLOAD=1``.
+   unless ``download=False`` or ``CHITA_NO_DOWNLOAD=1``; ``CHITA_DOWNLOAD_BASE_URL`` points it at a mirror
+   (see data/files.py).
 
 Every file is SHA256-checked before ``torch.load(..., weights_only=True)``; nothing is
 ever unpickled with ``weights_only=False``.
@@ -23,7 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from chita_minimal.data.files import candidate_folders, download_allowed, file_hash, import_pooch, shared_dir
+from chita_minimal.data.files import (candidate_folders, download_allowed, download_url, file_hash, import_pooch,
+                                     retrieve, shared_dir)
 from chita_minimal.models.mlpnet import MLPNet
 from chita_minimal.models.mobilenet import mobilenet_v1
 from chita_minimal.models.resnet50 import resnet50
@@ -87,11 +90,8 @@ def _find_checkpoint(name: str, root, download: bool) -> Path:
                 return folder / fname
 
     if download_allowed(download):
-        pooch = import_pooch()
-
         fname = _DOWNLOAD_FILE[name]
-        path = Path(pooch.retrieve(_URL + fname, known_hash=f"sha256:{_SHA256[fname]}", fname=fname,
-                                   path=_cache_dir(), progressbar=True))
+        path = Path(retrieve(_URL + fname, f"sha256:{_SHA256[fname]}", fname, _cache_dir()))
         _check_file(path)
         return path
 
@@ -100,7 +100,7 @@ def _find_checkpoint(name: str, root, download: bool) -> Path:
         f"no checkpoint for {name!r} found (looked for {', '.join(_LOCAL_FILES[name])}) in: "
         f"{'; '.join(str(f) for f in folders)}. Downloading was not tried ({why}). Put the file in a folder "
         f"and pass root= or set CHITA_CHECKPOINT_DIR, or allow the download "
-        f"(download=True, CHITA_NO_DOWNLOAD unset) of {_URL + _DOWNLOAD_FILE[name]}."
+        f"(download=True, CHITA_NO_DOWNLOAD unset) of {download_url(_URL + _DOWNLOAD_FILE[name])}."
     )
 
 

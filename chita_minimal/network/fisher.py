@@ -9,7 +9,7 @@ Rows are produced in chunks written into a preallocated X, so memory stays at
 n·p plus one chunk. :func:`gradients_loop` computes the same X with one backward
 pass per row; it is the reference for tests and the benchmark.
 
-    sample = gradients(model, train_set, n=1000)        # FisherSample
+    sample = gradients(model, train_set, n_grads=1000)  # FisherSample
     sample.X          # (n, p) one gradient per row
     sample.mean_grad  # (p,)   α, the optional first-order term of (P)
 """
@@ -34,6 +34,7 @@ from chita_minimal.network.params import Layout, layout
 from chita_minimal.scale import distributed
 from chita_minimal.solver.problem import all_finite
 from chita_minimal.utils import check_int as _check_int
+from chita_minimal.utils import renamed
 
 CHUNK_BYTES = 256 * 2**20  # default chunk: about this many bytes of gradients
 
@@ -82,7 +83,8 @@ class FisherSample:
 # public API
 
 
-def gradients(model: nn.Module, dataset, n: int, *, batch_size: int = 1, params=None, device=None,
+@renamed(n="n_grads", params="names")
+def gradients(model: nn.Module, dataset, n_grads: int, *, batch_size: int = 1, names=None, device=None,
               seed: int = 0, chunk_size: int | None = None, loss_fn=None, output_fn=None,
               progress: bool = True, shard: bool | None = None) -> FisherSample:
     """Build X (n×p) with ``torch.func`` (``vmap`` of ``grad`` of ``functional_call``).
@@ -94,11 +96,11 @@ def gradients(model: nn.Module, dataset, n: int, *, batch_size: int = 1, params=
             pairs or HF-style dicts, a ``DataLoader`` over one, or an iterable of batches
             (see :mod:`chita_minimal.network.samples`). n·batch_size distinct samples are
             drawn without replacement by a permutation seeded with ``seed``.
-        n: number of rows (mini-batches).
+        n_grads: number of rows (mini-batches); the old keyword ``n=`` still works, deprecated.
         batch_size: samples per mini-batch; row i is the gradient of the mean loss
             over its batch_size samples (1: per-sample gradients).
-        params: parameter names to differentiate (see ``params.resolve``); None
-            means every Conv/Linear weight.
+        names: parameter names to differentiate (see ``params.resolve``); None means the
+            default prunable set (the old keyword ``params=`` still works, deprecated).
         device: where to compute and store X; default the model's device. The
             model is moved there temporarily if needed and moved back afterwards.
         seed: seed of the sample permutation (results are deterministic).
@@ -126,11 +128,12 @@ def gradients(model: nn.Module, dataset, n: int, *, batch_size: int = 1, params=
     Raises ValueError on bad sizes, NaN/Inf parameters, or NaN/Inf gradients
     (naming the parameters concerned).
     """
-    return _sample(model, dataset, n, batch_size, params, device, seed, chunk_size, (loss_fn, output_fn),
+    return _sample(model, dataset, n_grads, batch_size, names, device, seed, chunk_size, (loss_fn, output_fn),
                    progress, _vmap_rows, "gradients (vmap)", shard)
 
 
-def gradients_loop(model: nn.Module, dataset, n: int, *, batch_size: int = 1, params=None,
+@renamed(n="n_grads", params="names")
+def gradients_loop(model: nn.Module, dataset, n_grads: int, *, batch_size: int = 1, names=None,
                    device=None, seed: int = 0, chunk_size: int | None = None, loss_fn=None, output_fn=None,
                    progress: bool = True, shard: bool | None = None) -> FisherSample:
     """Same X as :func:`gradients`, one plain backward pass per row.
@@ -140,7 +143,7 @@ def gradients_loop(model: nn.Module, dataset, n: int, *, batch_size: int = 1, pa
     ``chunk_size`` only sets how many mini-batches are loaded at a time. Slow but
     simple: the reference implementation for tests and benchmarks.
     """
-    return _sample(model, dataset, n, batch_size, params, device, seed, chunk_size, (loss_fn, output_fn),
+    return _sample(model, dataset, n_grads, batch_size, names, device, seed, chunk_size, (loss_fn, output_fn),
                    progress, _loop_rows, "gradients (loop)", shard)
 
 
@@ -203,7 +206,7 @@ def _setup(model, dataset, n, batch_size, params, seed, chunk_size, loss_fn, sha
     (dataset, layout, dtype, indices (rows here, batch_size), n_total, shard, chunk_size, loss)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    _check_int("n", n, 1)
+    _check_int("n_grads", n, 1)
     _check_int("batch_size", batch_size, 1)
     _check_int("seed", seed, None)
     if chunk_size is not None:
@@ -306,7 +309,8 @@ def _sample(model, dataset, n, batch_size, params, device, seed, chunk_size, los
     return FisherSample(X, mean_grad, lay, indices, time.perf_counter() - t0, n_total=n_total, sharded=shard)
 
 
-def gradient_chunks(model: nn.Module, dataset, n: int, *, batch_size: int = 1, params=None, device=None,
+@renamed(n="n_grads", params="names")
+def gradient_chunks(model: nn.Module, dataset, n_grads: int, *, batch_size: int = 1, names=None, device=None,
                     seed: int = 0, chunk_size: int = 16, loss_fn=None, progress: bool = False):
     """The rows of :func:`gradients` (same samples for the same seed), ``chunk_size`` at a time,
     without ever holding X: yields ``(r0, X[r0:r0 + c])`` with a (c, p) tensor that is
@@ -314,7 +318,7 @@ def gradient_chunks(model: nn.Module, dataset, n: int, *, batch_size: int = 1, p
     fit in memory (see :mod:`chita_minimal.scale.streaming`). Not sharded.
     """
     dataset, lay, dtype, indices, _, _, chunk_size, loss_fn = _setup(
-        model, dataset, n, batch_size, params, seed, chunk_size, loss_fn, False)  # checked now, not at first next()
+        model, dataset, n_grads, batch_size, names, seed, chunk_size, loss_fn, False)  # checked now, not at first next()
     return _chunks(model, dataset, lay, dtype, indices, chunk_size, loss_fn, device, progress)
 
 

@@ -120,7 +120,7 @@ def block_backsolve_streamed(model, dataset, sparsity: float, *, n_grads: int = 
 
     seconds = {"gradients": 0.0, "accumulate": 0.0, "solve": 0.0}
     t0 = time.perf_counter()
-    rows = fisher.gradient_chunks(model, dataset, n_grads, batch_size=batch_size, params=list(lay.names),
+    rows = fisher.gradient_chunks(model, dataset, n_grads, batch_size=batch_size, names=list(lay.names),
                                   device=dev, seed=seed, chunk_size=chunk, progress=progress)
     for _, Xc in rows:  # (c, p)
         t1 = time.perf_counter()

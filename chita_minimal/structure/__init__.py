@@ -9,6 +9,11 @@
 | ``smcp`` | SMCP soft channel masks with a FLOP/latency knapsack |
 | ``lowrank`` | ALDS-style SVD factorisation with min-max error rank allocation |
 | ``quantize`` | OBQ/GPTQ-style and round-to-nearest quantization, sparse + quantized |
+
+Every entry point returns a :class:`chita_minimal.report.Report`; the channel methods
+(``group_chita_prune``, ``spectral_prune``, ``ispasp_prune``, ``smcp_train``) a
+:class:`channels.ChannelReport` whose ``model`` is the small network and ``keep`` the kept channels,
+``lowrank.compress`` a report whose ``model`` is the factorized copy.
 """
 
 from chita_minimal.utils import lazy_submodules

@@ -338,7 +338,7 @@ def _channel_products(model, dataset, n_grads, batch_size, seed, residual=False)
     group (one for inner groups, all of a stream's), per group, shape (n_grads, channels)."""
     groups = channel_groups(model, residual=residual)
     names = [f"{p}.weight" for gr in groups.values() for p in gr.producers]
-    s = fisher.gradients(model, dataset, n_grads, batch_size=batch_size, params=names, seed=seed, progress=False)
+    s = fisher.gradients(model, dataset, n_grads, batch_size=batch_size, names=names, seed=seed, progress=False)
     out = {}
     for gname, gr in groups.items():
         z = 0
@@ -750,7 +750,7 @@ def group_chita_prune(model: nn.Module, dataset, fraction: float, *, n_grads: in
         for pname in [f"{m}.weight" for m in gr.producers + gr.consumers]:
             if pname not in names:
                 names.append(pname)
-    sample = fisher.gradients(model, dataset, n_grads, batch_size=batch_size, params=names, seed=seed, progress=False)
+    sample = fisher.gradients(model, dataset, n_grads, batch_size=batch_size, names=names, seed=seed, progress=False)
     lay = sample.layout
     w_bar = torch.cat([model.get_parameter(p).detach().reshape(-1) for p in lay.names]).to(sample.X)
     problem = Problem(sample.X, w_bar, l2)

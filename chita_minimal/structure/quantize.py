@@ -187,8 +187,8 @@ class QuantReport(Report):
 
     def _extra_lines(self) -> list[str]:
         sparse = "" if self.sparsity is None else f", pruned to sparsity {self.sparsity:g} first"
-        lines = [f"  {self.bits}-bit {self.method}{sparse}: {self.total_bytes:,.0f} bytes "
-                 f"(fp32: {self.dense_total_bytes:,}); {self.n_samples} calibration samples"]
+        lines = [f"  {self.bits}-bit {self.method}{sparse}: {self.achieved:.4g} bits stored per weight, "
+                 f"{self.total_bytes:,.0f} bytes (fp32: {self.dense_total_bytes:,}); {self.n_samples} calibration samples"]
         if self.layer_error:
             w = max(len("layer"), *(len(n) for n in self.layer_error))
             lines.append(f"  {'layer':<{w}}  {'error (1)':>10}  {'bytes':>12}  {'fp32 bytes':>12}")

@@ -100,5 +100,5 @@ def sosp_scores(model: nn.Module, dataset, n_grads: int, *, seed: int = 0, batch
     deprecated old name of ``n_grads``.
     """
     names = group_weight_names(model)
-    sample = fisher.gradients(model, dataset, n_grads, batch_size=batch_size, params=names, seed=seed, progress=False)
+    sample = fisher.gradients(model, dataset, n_grads, batch_size=batch_size, names=names, seed=seed, progress=False)
     return sosp_from_sample(model, sample)

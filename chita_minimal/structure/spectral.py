@@ -58,7 +58,7 @@ def _split(idx, owner, groups):
 
 
 def _fisher_radii(model, dataset, n_grads, batch_size, seed, names):
-    sample = fisher.gradients(model, dataset, n_grads, batch_size=batch_size, params=names, seed=seed, progress=False)
+    sample = fisher.gradients(model, dataset, n_grads, batch_size=batch_size, names=names, seed=seed, progress=False)
     X = sample.X  # (n, p)
     idx, owner = weight_groups(model, sample.layout)
     out = {}

@@ -79,7 +79,7 @@ def test_cnn_batchnorm_eval_default_set(dtype, atol):
 def test_names_subset_and_non_weight_names():
     model, ds = cnn(), data((3, 8, 8))
     full = gradients(model, ds, 6, progress=False)
-    sub = gradients(model, ds, 6, params=["4.weight"], progress=False)
+    sub = gradients(model, ds, 6, names=["4.weight"], progress=False)
     assert sub.layout.names == ("4.weight",) and sub.X.shape == (6, 2160)
     torch.testing.assert_close(sub.X, full.X[:, full.layout.span("4.weight")], atol=1e-12, rtol=0)
     # a bias or BN parameter may be named explicitly
@@ -132,13 +132,13 @@ def test_bad_sizes():
     model, ds = mlp(), data((1, 28, 28), N=10)
     with pytest.raises(ValueError, match=r"10 samples.*12"):
         gradients(model, ds, 6, batch_size=2, progress=False)
-    with pytest.raises(ValueError, match="n must be >= 1"):
+    with pytest.raises(ValueError, match="n_grads must be >= 1"):
         gradients(model, ds, 0, progress=False)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         gradients_loop(model, ds, 2, batch_size=0, progress=False)
     with pytest.raises(ValueError, match="chunk_size"):
         gradients(model, ds, 2, chunk_size=0, progress=False)
-    with pytest.raises(TypeError, match="n must be an int"):
+    with pytest.raises(TypeError, match="n_grads must be an int"):
         gradients(model, ds, 2.0, progress=False)
     with pytest.raises(TypeError, match="model"):
         gradients("model", ds, 2, progress=False)
@@ -149,7 +149,7 @@ def test_bad_sizes():
 def test_unknown_names_lists_valid_ones():
     model, ds = cnn(), data((3, 8, 8))
     with pytest.raises(ValueError, match=r"unknown.*conv\.weight.*'0\.weight', '4\.weight'"):
-        gradients(model, ds, 2, params=["conv.weight"], progress=False)
+        gradients(model, ds, 2, names=["conv.weight"], progress=False)
 
 
 def test_nan_weight_names_layer_and_restores_mode():

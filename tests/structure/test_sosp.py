@@ -62,7 +62,7 @@ def test_tiny_matches_fully_explicit_fisher():
     data = _data((1, 4, 4))
     n = 12
     scores = sosp_scores(model, data, n, seed=3)
-    X = fisher.gradients_loop(model, data, n, params=NAMES, seed=3, progress=False).X.double()  # independent X
+    X = fisher.gradients_loop(model, data, n, names=NAMES, seed=3, progress=False).X.double()  # independent X
     p = X.shape[1]
     F = X.T @ X / n  # explicit p×p Fisher (p = 176)
     w = torch.cat([model.get_parameter(q).detach().reshape(-1) for q in NAMES])
@@ -86,7 +86,7 @@ def test_mlpnet_matches_explicit_fisher_rows_and_select_shrink():
     data = _data((1, 28, 28), m=16)
     n = 8
     scores = sosp_scores(model, data, n, seed=0, batch_size=2)
-    X = fisher.gradients(model, data, n, params=NAMES, seed=0, batch_size=2, progress=False).X
+    X = fisher.gradients(model, data, n, names=NAMES, seed=0, batch_size=2, progress=False).X
     ref = _reference(model, X, _rows_fn(model))
     assert set(scores) == {"fc1", "fc2"} and scores["fc1"].shape == (40,) and scores["fc2"].shape == (20,)
     for k in scores:
@@ -115,7 +115,7 @@ class _MaxNumel(TorchFunctionMode):
 def test_no_pxp_tensor_is_created():
     model = MLPNet()
     data = _data((1, 28, 28), m=8)
-    sample = fisher.gradients(model, data, 4, params=NAMES, progress=False)
+    sample = fisher.gradients(model, data, 4, names=NAMES, progress=False)
     mode = _MaxNumel()
     with mode:
         scores = sosp_from_sample(model, sample)
@@ -137,6 +137,6 @@ def test_bad_inputs():
         sosp_scores(model, [1, 2], 1.5)
     with pytest.raises(TypeError):
         sosp_from_sample(model, "not a sample")
-    partial = fisher.gradients(model, data, 2, params=["fc1.weight", "fc2.weight"], progress=False)
+    partial = fisher.gradients(model, data, 2, names=["fc1.weight", "fc2.weight"], progress=False)
     with pytest.raises(ValueError, match="fc3.weight"):
         sosp_from_sample(model, partial)

@@ -59,7 +59,7 @@ def test_fisher_radius_equals_eigvalsh_of_explicit_block():
     model, data, n = TinyMLP().double(), _data((1, 4, 4)), 12
     rho = spectral_radii(model, data, n, seed=3)
     scores = spectral_scores(model, data, n, seed=3)
-    X = fisher.gradients_loop(model, data, n, params=NAMES, seed=3, progress=False).X.double()  # independent X
+    X = fisher.gradients_loop(model, data, n, names=NAMES, seed=3, progress=False).X.double()  # independent X
     blocks = _blocks(model, X.T @ X / n)
     for name, C in (("fc1", 6), ("fc2", 5)):
         assert rho[name].shape == (C,) and rho[name].dtype == F64 and scores[name].device.type == "cpu"
@@ -78,7 +78,7 @@ def test_fisher_radius_conv_channels():
     rho = spectral_radii(model, data, n, batch_size=1, seed=1)
     names = [f"{gr.producer}.weight" for gr in channel_groups(model).values()]
     names += [f"{gr.consumer}.weight" for gr in channel_groups(model).values()]
-    sample = fisher.gradients(model, data, n, params=names, seed=1, progress=False)
+    sample = fisher.gradients(model, data, n, names=names, seed=1, progress=False)
     idx, owner = weight_groups(model, sample.layout)
     X = sample.X.double()
     for name in ("layer1.0.conv1", "layer3.0.conv1"):
