@@ -221,8 +221,7 @@ def test_every_chapter_says_what_a_run_costs_and_needs():
         assert re.search(r"(minute|second|hour)", running), nb.name
 
 
-# book/own_model.ipynb's code cells belong to that chapter's author (still in progress)
-LONG_LINES_PENDING = {"own_model.ipynb"}
+LONG_LINES_PENDING: set[str] = set()
 
 
 def test_no_code_line_is_cut_off_badly():
