@@ -64,19 +64,26 @@ def check_matrix(name: str, t, ndim: int = 2) -> None:
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
+def unsupported(name: str, m: nn.Module | None, attr: str) -> str | None:
+    """Why layer-wise pruning cannot take parameter ``name`` (attribute ``attr`` of module ``m``), or None."""
+    if attr != "weight" or not isinstance(m, (nn.Linear, nn.Conv2d)):
+        return (f"{name!r} is not the weight of a Linear or Conv2d layer ({type(m).__name__}); "
+                "layer-wise pruning supports those only: exclude it via names")
+    if isinstance(m, nn.Conv2d) and m.groups != 1:
+        return (f"layer {name!r} is a grouped/depthwise Conv2d (groups={m.groups}), which is not "
+                "supported (its weight is not one matrix over the unfolded patches): exclude it via names")
+    if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
+        return f"layer {name!r} uses padding_mode={m.padding_mode!r}; only 'zeros' is supported: exclude it via names"
+    return None
+
+
 def layer_modules(model: nn.Module, names) -> dict[str, nn.Module]:
     """The Linear / Conv2d module owning each weight name; clear errors for anything else."""
     out = {}
     for name, (m, attr) in owners(model, names).items():
-        if attr != "weight" or not isinstance(m, (nn.Linear, nn.Conv2d)):
-            raise ValueError(f"{name!r} is not the weight of a Linear or Conv2d layer ({type(m).__name__}); "
-                             "layer-wise pruning supports those only: exclude it via names")
-        if isinstance(m, nn.Conv2d) and m.groups != 1:
-            raise ValueError(f"layer {name!r} is a grouped/depthwise Conv2d (groups={m.groups}), which is not "
-                             "supported (its weight is not one matrix over the unfolded patches): exclude it via names")
-        if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
-            raise ValueError(f"layer {name!r} uses padding_mode={m.padding_mode!r}; only 'zeros' is supported: "
-                             "exclude it via names")
+        why = unsupported(name, m, attr)
+        if why is not None:
+            raise ValueError(why)
         out[name] = m
     return out
 

@@ -33,8 +33,7 @@ def _layer_weights(model) -> list[str]:
     default = params.owners(model, None)
     in_attention = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     ok = [n for n, (m, attr) in default.items()
-          if attr == "weight" and isinstance(m, (nn.Linear, nn.Conv2d)) and getattr(m, "groups", 1) == 1
-          and id(m) not in in_attention]
+          if layerwise.unsupported(n, m, attr) is None and id(m) not in in_attention]
     skipped = [n for n in default if n not in ok]
     if skipped:
         warnings.warn("sparsegpt reconstructs Linear and ungrouped Conv2d weights only; left dense: "

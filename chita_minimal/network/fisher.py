@@ -180,7 +180,7 @@ def _loop_rows(model: nn.Module, lay: Layout, loss_fn):
             for t in ts:
                 t.requires_grad_(True)
             with torch.enable_grad():
-                for i in range(_rows_of(y)):
+                for i in range(samples.leading_size(y)):
                     loss = loss_fn(samples.call(model, samples.index(x, i)), samples.index(y, i))
                     gs = torch.autograd.grad(loss, ts)
                     for g, o, k in zip(gs, lay.offsets, lay.numels):
@@ -194,11 +194,6 @@ def _loop_rows(model: nn.Module, lay: Layout, loss_fn):
 
 # -----------------------------------------------------------------------------
 # shared driver
-
-
-def _rows_of(tree) -> int:
-    return tree.shape[0] if isinstance(tree, torch.Tensor) else _rows_of(next(iter(
-        tree.values() if isinstance(tree, dict) else tree)))
 
 
 def _setup(model, dataset, n, batch_size, params, seed, chunk_size, loss_fn, shard):

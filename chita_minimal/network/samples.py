@@ -61,13 +61,14 @@ def as_dataset(data, need: int | None = None, *, arg: str = "dataset"):
     return SampleList(samples)
 
 
-def _size(tree) -> int:
+def leading_size(tree) -> int:
+    """Size of the first (batch) dimension of a tensor, or of the first leaf of a tuple / dict of them."""
     if isinstance(tree, torch.Tensor):
         return tree.shape[0]
     if isinstance(tree, dict):
-        return _size(next(iter(tree.values())))
+        return leading_size(next(iter(tree.values())))
     if isinstance(tree, (tuple, list)):
-        return _size(tree[0])
+        return leading_size(tree[0])
     raise TypeError(f"a batch must hold tensors, tuples or dicts of tensors, got {type(tree).__name__}")
 
 
@@ -85,10 +86,10 @@ def index(tree, i):
 def unbatch(batch) -> list:
     """The samples of one batch: entry i of every leaf (the batch dimension is the first)."""
     if isinstance(batch, (tuple, list)) and len(batch) == 2 and not isinstance(batch[0], (int, float)):
-        n = _size(batch[0])
+        n = leading_size(batch[0])
         return [(index(batch[0], i), index(batch[1], i)) for i in range(n)]
     if isinstance(batch, dict):
-        return [index(batch, i) for i in range(_size(batch))]
+        return [index(batch, i) for i in range(leading_size(batch))]
     raise TypeError("a batch must be a pair (inputs, targets) or a dict with a 'labels' entry, "
                     f"got {type(batch).__name__}")
 
