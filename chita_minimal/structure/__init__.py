@@ -18,4 +18,4 @@ Every entry point returns a :class:`chita_minimal.report.Report`; the channel me
 
 from chita_minimal.utils import lazy_submodules
 
-__getattr__ = lazy_submodules(__name__, ("channels", "sosp", "spectral", "ispasp", "smcp", "lowrank", "quantize"))
+__getattr__ = lazy_submodules(__name__, ("channels", "sosp", "spectral", "ispasp", "smcp", "lowrank", "quantize", "heads"))
