@@ -271,19 +271,140 @@ def batched_spd_solve(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def block_matvecs(X: torch.Tensor, u: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+    """(G, n): X_b u_b for every block b of ``parts`` (one read of X, no copy of it).
+
+    Contiguous blocks are column slices of X: runs of equal-width blocks are one batched product on a GPU
+    (a strided view, (n, m, B)), one BLAS gemv per block on a CPU (faster there than a strided batched
+    product); other blocks gather their columns.
+    """
+    n, G = X.shape[0], len(parts)
+    out = X.new_empty(G, n)
+    spans = contiguous_spans(parts)
+    if spans is None:
+        for g, b in enumerate(parts):
+            b = b.to(X.device)
+            torch.mv(X[:, b], u[b], out=out[g])
+        return out
+    if X.device.type == "cpu":
+        for g, (a, width) in enumerate(spans):
+            torch.mv(X[:, a:a + width], u[a:a + width], out=out[g])
+        return out
+    g = 0
+    while g < G:  # a run of m consecutive blocks of one width B: X[:, a:a+mB] viewed (n, m, B)
+        a, width = spans[g]
+        m = 1
+        while g + m < G and spans[g + m][1] == width:
+            m += 1
+        V = X[:, a:a + m * width].unflatten(1, (m, width))
+        out[g:g + m] = torch.einsum("nmb,mb->mn", V, u[a:a + m * width].view(m, width))
+        g += m
+    return out
+
+
+def contiguous_spans(parts: list[torch.Tensor]) -> list[tuple[int, int]] | None:
+    """[(start, width)] when the blocks are consecutive ranges 0…p−1 in order (per-layer blocks), else None."""
+    spans, start = [], 0
+    for b in parts:
+        width = b.numel()
+        if width == 0 or int(b[0]) != start or int(b[-1]) != start + width - 1:
+            return None
+        spans.append((start, width))
+        start += width
+    order = torch.cat(parts)
+    return spans if torch.equal(order, torch.arange(start, device=order.device)) else None
+
+
+def padded_width(s: torch.Tensor) -> torch.Tensor:
+    """Round block widths up to a multiple of max(8, 2^⌊log2 s⌋/4): at most 25 % padding (above 32) and about
+    four widths per octave, so that a bucket of equal padded width is one batched Gram and Cholesky."""
+    step = torch.clamp(2 ** torch.floor(torch.log2(s.clamp(min=1).double())).long() // 4, min=8)
+    return torch.where(s > 0, (s + step - 1) // step * step, 0)
+
+
+def block_ridge(X: torch.Tensor, w_bar: torch.Tensor, parts: list[torch.Tensor], support: torch.Tensor,
+                l2: float = 0.0, alpha: torch.Tensor | None = None) -> torch.Tensor:
+    """Alg 6's solve on a fixed support: per block b, with S_b = the support's share of the block,
+
+        min over w_b (zero off S_b)  ½‖X_b(w_b − w̄_b)‖² + λ‖w_b − w̄_b‖² + αᵀw_b ,   λ = l2·n/2,
+
+    i.e. (X_SᵀX_S + 2λI) Δ = X_Sᵀr₀ − α_S with r₀ = X_b w̄_b − X_S w̄_S = X_b (w̄ outside S)_b, or the n×n
+    Woodbury form when the block keeps more than n columns and λ > 0. Returns the (p,) solution.
+
+    The work: r₀ for every block from one read of X (:func:`block_matvecs`); then the kept columns of the
+    blocks, gathered straight from X into buckets of blocks of equal padded width (:func:`padded_width`;
+    padding columns are zero), one batched Gram and one batched fp64 Cholesky per chunk of a bucket. Nothing
+    of size n·p is copied; memory is bounded by ``_SOLVE_NUMBERS`` per chunk.
+    """
+    n, p = X.shape
+    dev = X.device
+    lam2 = float(l2) * n  # 2λ
+    parts = [b.to(dev) for b in parts]
+    support = support.to(dev)
+    w = torch.zeros_like(w_bar)
+    idx = torch.nonzero(support).squeeze(1)
+    if idx.numel() == 0:
+        return w
+    G = len(parts)
+    sizes = torch.tensor([b.numel() for b in parts], device=dev)
+    bid = torch.empty(p, dtype=torch.long, device=dev)
+    bid[torch.cat(parts)] = torch.repeat_interleave(torch.arange(G, device=dev), sizes)
+    R0 = block_matvecs(X, torch.where(support, torch.zeros_like(w_bar), w_bar), parts)  # r₀ = X_b (w̄ off S)_b
+    # kept columns grouped by block (stable: increasing index within a block) and their slot in the block
+    vb = bid[idx]
+    order = torch.argsort(vb, stable=True)
+    idx, vb = idx[order], vb[order]
+    counts = torch.bincount(vb, minlength=G)
+    slot = torch.arange(idx.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[vb]
+    width = padded_width(counts)
+    for W in torch.unique(width[width > 0]).tolist():  # one host read: the bucket widths
+        blocks = torch.nonzero(width == W).squeeze(1)
+        row_of_block = torch.full((G,), -1, dtype=torch.long, device=dev)
+        row_of_block[blocks] = torch.arange(blocks.numel(), device=dev)
+        mine = torch.nonzero(width[vb] == W).squeeze(1)
+        src = torch.zeros(blocks.numel(), W, dtype=torch.long, device=dev)  # padding reads column 0 ...
+        pad = torch.ones(blocks.numel(), W, dtype=torch.bool, device=dev)
+        src[row_of_block[vb[mine]], slot[mine]] = idx[mine]
+        pad[row_of_block[vb[mine]], slot[mine]] = False
+        chunk = max(1, _SOLVE_NUMBERS // (W * max(W, n)))
+        for c in range(0, blocks.numel(), chunk):
+            cs, cpad = src[c:c + chunk], pad[c:c + chunk]
+            g = cs.shape[0]
+            V = X.index_select(1, cs.flatten())  # (n, g·W)
+            V.masked_fill_(cpad.flatten(), 0.0)  # ... and is zeroed here
+            V = V.view(n, g, W).permute(1, 0, 2)  # (g, n, W): block c's kept columns
+            r0 = R0[blocks[c:c + chunk]]  # (g, n)
+            a = None if alpha is None else torch.where(cpad, 0.0, alpha[cs])
+            if W > n and lam2 > 0:  # Δ = X_Sᵀ(X_S X_Sᵀ + 2λI)⁻¹(r₀ + X_S α_S/2λ) − α_S/2λ
+                K = torch.bmm(V, V.transpose(1, 2))  # (g, n, n)
+                K.diagonal(dim1=-2, dim2=-1).add_(lam2)
+                rhs = r0 if a is None else r0 + torch.bmm(V, a.unsqueeze(-1)).squeeze(-1) / lam2
+                z = batched_spd_solve(K, rhs).to(X.dtype)
+                delta = torch.bmm(z.unsqueeze(1), V).squeeze(1)
+                if a is not None:
+                    delta -= a / lam2
+            else:  # (X_SᵀX_S + 2λI) Δ = X_Sᵀr₀ − α_S; padding: identity rows, zero right-hand side
+                A = torch.bmm(V.transpose(1, 2), V)  # (g, W, W)
+                A.diagonal(dim1=-2, dim2=-1).add_(lam2 + cpad.to(A.dtype))
+                b = torch.bmm(r0.unsqueeze(1), V).squeeze(1)
+                if a is not None:
+                    b -= a
+                delta = batched_spd_solve(A, b).to(X.dtype)
+            keep = ~cpad
+            w[cs[keep]] = w_bar[cs[keep]] + delta[keep]
+    return w
+
+
 def block_backsolve(problem: Problem, k: int, blocks, support: torch.Tensor | None = None):
-    """Alg 6: global support (one thresholding step), then a ridge solve per block, batched.
+    """Alg 6: global support (one thresholding step), then a ridge solve per block (:func:`block_ridge`).
 
     Block b solves min ½‖X_b(w_b − w̄_b)‖² + λ‖w_b − w̄_b‖² + α_bᵀw_b on its share of
     the support: the cross-block terms of XᵀX are dropped. With one block this is
-    exactly :func:`chita_minimal.solver.backsolve.backsolve`. Only the support's columns are
-    packed (memory n·k). Returns (w, support).
+    exactly :func:`chita_minimal.solver.backsolve.backsolve`. Returns (w, support).
     """
     if support is None:
         support = first_step_support(problem, k)
-    bp = BlockProblem(problem.X, problem.w_bar, blocks, problem.l2, problem.alpha, keep=support)
-    w = torch.zeros_like(problem.w_bar)
-    w[support] = bp.ridge(torch.ones(bp.p, dtype=torch.bool, device=w.device))
+    w = block_ridge(problem.X, problem.w_bar, make_blocks(problem.p, blocks), support, problem.l2, problem.alpha)
     return w, support
 
 

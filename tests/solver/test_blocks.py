@@ -70,6 +70,39 @@ def test_batched_block_backsolve_woodbury_and_singular_paths():
                                block_backsolve_looped(singular, 20, 20, support)[0])
 
 
+@pytest.mark.parametrize("n", [10, 80])  # n = 10: wide blocks take the n×n Woodbury form
+@pytest.mark.parametrize("with_alpha", [False, True])
+@pytest.mark.parametrize("spec", ["sizes", "int", "index"])
+def test_block_backsolve_equals_the_looped_reference_across_buckets_and_chunks(n, with_alpha, spec, monkeypatch):
+    """Blocks keeping 0…120 columns (many padded widths, several buckets), chunked solves: 1e-10 in fp64."""
+    import chita_minimal.solver.blocks as blocks_mod
+    gen = torch.Generator().manual_seed(4)
+    sizes = [50, 120, 7, 64, 1, 33, 90, 35]
+    p = sum(sizes)
+    X = torch.randn(n, p, generator=gen, dtype=torch.float64)
+    w_bar = torch.randn(p, generator=gen, dtype=torch.float64)
+    alpha = 0.1 * torch.randn(p, generator=gen, dtype=torch.float64) if with_alpha else None
+    blocks = {"sizes": sizes, "int": 40, "index": list(torch.randperm(p, generator=gen).split(sizes))}[spec]
+    density = torch.rand(len(sizes), generator=gen).repeat_interleave(torch.tensor(sizes))
+    support = torch.rand(p, generator=gen) < density  # from empty to almost full blocks
+    monkeypatch.setattr(blocks_mod, "_SOLVE_NUMBERS", 3 * 16 * max(16, n))  # a few blocks per chunk
+    for l2 in [0.05, 1.0]:
+        problem = Problem(X, w_bar, l2, alpha)
+        w1, _ = block_backsolve(problem, None, blocks, support)
+        w2, _ = block_backsolve_looped(problem, None, blocks, support)
+        assert not bool(w1[~support].any())
+        torch.testing.assert_close(w1, w2, atol=1e-10, rtol=1e-10)
+
+
+def test_padded_width_bounds_the_padding():
+    from chita_minimal.solver.blocks import padded_width
+    s = torch.arange(0, 2000)
+    W = padded_width(s)
+    assert int(W[0]) == 0 and bool((W >= s).all()) and bool((W % 8 == 0).all())
+    assert bool((W[33:] <= 1.25 * s[33:]).all())
+    assert len(torch.unique(W[(s > 256) & (s <= 512)])) <= 4  # about four widths per octave
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_block_iht_with_one_block_equals_the_active_set(seed):
     X, w_bar = random_problem(n=25, p=60, seed=seed)
