@@ -1,96 +1,216 @@
-"""Benchmark: CHITA's speed figures on MLPNet (shared checkpoint), n = 1000 per-sample gradients, fp32.
+"""Benchmark: CHITA's solvers as ratios measured in one process, against the bare pass and a plain reference.
 
-Rows (one CSV, data/bench/speed.csv):
-  active_set   single-stage active-set CHITA, solve time per sparsity 0.5 … 0.98
-  active_set_refit  the same with refit=3 (jump to the exact solve once IHT's support is stable)
-  backsolve    CHITA-BSO solve time per sparsity
-  chita++      CHITA++ to 0.98 with 10 stages, gradients recomputed every stage, end to end
-  profile      where the time of the active-set solve at 0.9 goes (cProfile, cumulative, parts nest)
-l2 is the value chosen on the validation split by the MLPNet chapter for each method and sparsity
-(data/results/mlpnet_l2.csv; below its smallest tuned sparsity the value chosen there), else --l2.
-Usage: python bench/speed.py [--device cuda] [--n 1000]
+Every time is divided by the *bare pass* (one ``X @ w`` plus one ``X.T @ r`` on the same X, the least work any
+first-order method does per iteration), measured in the same process just before; and compared with a reference
+written plainly in numpy in the same process, so that a reader can check the ratios on their own machine:
+
+  active_set   MLPNet (shared checkpoint), n = 1000 per-sample gradients, fp32, l2 = 1e-3 and 0.1,
+               sparsity 0.5 … 0.98: the package's active set (Alg 4) against ``numpy_iht`` (IHT with a
+               backtracking line search on the step, the textbook form of Alg 3, run to the same tolerance)
+  block        ResNet20 (shared checkpoint), n = 1000, blocks of 500 per layer, sparsity 0.7 / 0.8 / 0.9: the
+               block backsolve of Alg 6 on a fixed support against ``numpy_block_backsolve`` (one ridge solve
+               per block in a Python loop)
+  profile      where the active set's time goes at 0.9 (cProfile, cumulative; parts nest), in bare passes
+
+Columns: seconds (ours), passes (ours / bare pass), reference_seconds, speedup (reference / ours), objective
+and reference_objective (f of problem (P); lower is better). CSV: data/bench/speed.csv.
+Usage: python bench/speed.py [--device cuda] [--n 1000] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import chita_minimal as cm
 from _common import write_table
 
 ROOT = Path(__file__).resolve().parents[1]
-SPARSITIES = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98]
 PARTS = {"matvec": ["matvec", "matvec_cols"], "rmatvec": ["rmatvec"], "top-k": ["hard_threshold"],
-         "tau_c": ["_step_to_keep_support"], "restrict": ["restrict"], "ridge": ["ridge_on_support"],
+         "line search": ["line_search_step"], "restrict": ["restrict"], "ridge": ["ridge_on_support"],
          "lipschitz": ["lipschitz"], "swap": ["_best_swap"]}
 
 
-def tuned_l2(method: str, default: float) -> dict[float, float]:
-    """The MLPNet chapter's validation choice of l2 per sparsity for ``method``, if available."""
-    path = ROOT / "data" / "results" / "mlpnet_l2.csv"
-    out = {}
-    if path.exists():
-        with open(path) as f:
-            for row in csv.DictReader(f):
-                if row.get("method") == method and row.get("chosen", "").lower() == "true":
-                    out[float(row["sparsity"])] = float(row["l2"])
-    def pick(s):  # as the chapter does: below the smallest tuned sparsity, reuse the value chosen there
-        above = [t for t in out if t >= s - 1e-12]
-        return out[min(above)] if above else default
+# ----------------------------------------------------------------------------- plain references
 
-    return {s: pick(s) for s in SPARSITIES}
+
+def numpy_objective(X, y, w, w_bar, lam):
+    r = y - X @ w
+    return 0.5 * float(r @ r) + lam * float((w - w_bar) @ (w - w_bar))
+
+
+def numpy_iht(X, w_bar, k, l2, *, tol=1e-7, max_iter=2000):
+    """IHT with a backtracking line search (Alg 3 in its textbook form), in numpy: from the magnitude mask,
+    w ← H_k(w − η∇f(w)) with η = 1/L doubled while f decreases (at most 8 doublings) and halved until f
+    does not increase; stop when f decreases by less than tol·|f|. Returns (w, f, iterations)."""
+    n = X.shape[0]
+    lam = l2 * n / 2.0
+    y = X @ w_bar
+    v = np.random.default_rng(0).standard_normal(X.shape[1]).astype(X.dtype)
+    for _ in range(30):  # power iteration for L = ‖X‖² + 2λ
+        v = X.T @ (X @ v)
+        v /= np.linalg.norm(v)
+    L = float(np.linalg.norm(X @ v) ** 2) + 2 * lam
+
+    def threshold(u):
+        out = np.zeros_like(u)
+        top = np.argpartition(-np.abs(u), k - 1)[:k]
+        out[top] = u[top]
+        return out
+
+    w = threshold(w_bar)
+    f = numpy_objective(X, y, w, w_bar, lam)
+    for it in range(1, max_iter + 1):
+        g = -(X.T @ (y - X @ w)) + 2 * lam * (w - w_bar)
+        eta, best_w, best_f = 1.0 / L, None, f
+        for _ in range(8):  # grow the step while it helps
+            cand = threshold(w - eta * g)
+            fc = numpy_objective(X, y, cand, w_bar, lam)
+            if fc >= best_f:
+                break
+            best_w, best_f, eta = cand, fc, 2 * eta
+        while best_w is None and eta > 1e-6 / L:  # or shrink it until f does not increase
+            eta /= 2
+            cand = threshold(w - eta * g)
+            fc = numpy_objective(X, y, cand, w_bar, lam)
+            if fc <= f:
+                best_w, best_f = cand, fc
+        if best_w is None or f - best_f < tol * abs(f):
+            return (w if best_w is None else best_w), min(f, best_f), it
+        w, f = best_w, best_f
+    return w, f, max_iter
+
+
+def numpy_block_backsolve(X, w_bar, starts_widths, support, l2):
+    """Alg 6 on a fixed support, one block at a time in numpy: per block the normal equations
+    (X_SᵀX_S + 2λI)Δ = X_Sᵀr₀ with r₀ = X_b w̄_b − X_S w̄_S, solved with Cholesky."""
+    n = X.shape[0]
+    lam2 = l2 * n
+    w = np.zeros_like(w_bar)
+    for a, width in starts_widths:
+        Xb, wb, sb = X[:, a:a + width], w_bar[a:a + width], support[a:a + width]
+        if not sb.any():
+            continue
+        XS = Xb[:, sb]
+        r0 = Xb @ wb - XS @ wb[sb]
+        A = (XS.T @ XS).astype(np.float64) + lam2 * np.eye(XS.shape[1])
+        c = np.linalg.cholesky(A)
+        z = np.linalg.solve(c, (XS.T @ r0).astype(np.float64))
+        delta = np.linalg.solve(c.T, z)
+        w[a:a + width][sb] = wb[sb] + delta.astype(X.dtype)
+    return w
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def seconds(fn, repeats=1):
+    """Smallest wall time of ``repeats`` calls (the last result is returned too)."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def bare_pass(X):
+    """Seconds of one X @ w + X.T @ r (median of 7 after a warm-up), synchronised on a GPU."""
+    w, r = torch.randn(X.shape[1], device=X.device, dtype=X.dtype), torch.randn(X.shape[0], device=X.device,
+                                                                                  dtype=X.dtype)
+    sync = torch.cuda.synchronize if X.device.type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(8):
+        sync()
+        t0 = time.perf_counter()
+        X @ w, X.T @ r
+        sync()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]))
+
+
+def gradients_of(name, dataset, n, device):
+    model = cm.models.load_pretrained(name, device=device)
+    lay = cm.network.params.layout(model, cm.network.params.resolve(model))
+    w_bar = cm.network.params.flatten(model, lay).to(device)
+    X = cm.gradients(model, dataset, n, seed=0, device=device, progress=False).X
+    return X, w_bar, lay
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default=None)
     ap.add_argument("--n", type=int, default=1000)
-    ap.add_argument("--l2", type=float, default=1e-3)
+    ap.add_argument("--quick", action="store_true", help="fewer points (a smoke run)")
     ap.add_argument("--out", default=str(ROOT / "data" / "bench" / "speed.csv"))
     args = ap.parse_args()
     device = cm.device(args.device)
-    train = cm.data.load("mnist", "train")
-    model = cm.models.load_pretrained("mlpnet", device=device)
-    lay = cm.network.params.layout(model, cm.network.params.resolve(model))
-    w_bar = cm.network.params.flatten(model, lay).to(device)
-    X = cm.gradients(model, train, args.n, seed=0, device=device, progress=False).X
+    torch.manual_seed(0)
     rows = []
 
     def emit(**row):
-        row = dict(device=str(device), n=args.n, p=lay.p, threads=torch.get_num_threads(), **row)
+        row = dict(device=str(device), threads=torch.get_num_threads(), **row)
         rows.append(row)
         print(" | ".join(f"{k}={v}" for k, v in row.items()), flush=True)
 
-    test = cm.data.load("mnist", "test")
-    for what, method, opts in [("active_set", "active", {}), ("active_set_refit", "active", {"refit": 3}),
-                               ("backsolve", "backsolve", {})]:
-        l2s = tuned_l2("chita" if method == "active" else "chita-bso", args.l2)
-        for s in SPARSITIES:
+    # -- the active set on MLPNet ------------------------------------------------------------------
+    X, w_bar, lay = gradients_of("mlpnet", cm.data.load("mnist", "train"), args.n, device)
+    Xn, wn = X.cpu().numpy(), w_bar.cpu().numpy()
+    sparsities = [0.5, 0.9, 0.98] if args.quick else [0.5, 0.7, 0.8, 0.9, 0.95, 0.98]
+    for l2 in [1e-3, 0.1]:
+        for s in sparsities:
             k = cm.num_kept(s, lay.p)
-            res = cm.solve(X, w_bar, k, l2=l2s[s], method=method, **opts)
-            cm.network.params.write_back(model, lay, res.w)
-            acc = 100 * cm.evaluate(model, test)
-            cm.network.params.write_back(model, lay, w_bar)
-            emit(what=what, sparsity=s, l2=l2s[s], seconds=round(res.seconds, 3), iterations=res.iterations,
-                 objective=f"{res.objective:.6g}", part=f"test accuracy {acc:.2f} %")
+            bare = bare_pass(X)
+            ours, res = seconds(lambda: cm.solve(X, w_bar, k, l2=l2, method="active"))
+            ref, (w_ref, f_ref, it_ref) = seconds(lambda: numpy_iht(Xn, wn, k, l2, max_iter=300 if args.quick
+                                                                    else 2000))
+            emit(what="active_set", net="mlpnet", n=args.n, p=lay.p, sparsity=s, l2=l2, seconds=round(ours, 3),
+                 bare_pass=round(bare, 5), passes=round(ours / bare, 1), iterations=res.iterations,
+                 reference="numpy IHT + line search", reference_seconds=round(ref, 3),
+                 reference_iterations=it_ref, speedup=round(ref / ours, 2), objective=f"{res.objective:.6g}",
+                 reference_objective=f"{f_ref:.6g}")
 
-    l2_pp = tuned_l2("chita++", args.l2)[0.98]
-    pp_model = cm.models.load_pretrained("mlpnet", device=device)
-    m = cm.network.measure.measure(cm.prune, pp_model, train, 0.98, "chita++", stages=10, n_grads=args.n, l2=l2_pp,
-                           device=device)
-    emit(what="chita++", sparsity=0.98, l2=l2_pp, seconds=round(m.seconds, 3), iterations=10,
-         objective=f"{m.result.objective:.6g}", part=f"gradients {m.result.seconds['gradients']:.2f} s")
-
-    l2 = tuned_l2("chita", args.l2)[0.9]
-    res, total, parts = cm.network.measure.profile(cm.solve, X, w_bar, cm.num_kept(0.9, lay.p), l2=l2, method="active",
-                                           functions=PARTS)
+    # -- where the active set's passes go ----------------------------------------------------------
+    k = cm.num_kept(0.9, lay.p)
+    bare = bare_pass(X)
+    res, total, parts = cm.network.measure.profile(cm.solve, X, w_bar, k, l2=1e-3, method="active",
+                                                   functions=PARTS)
     for part, sec in parts.items():
-        emit(what="profile", sparsity=0.9, l2=l2, seconds=round(sec, 3), iterations=res.iterations,
-             objective=f"{res.objective:.6g}", part=f"{part} ({100 * sec / total:.0f} % of {total:.2f} s profiled)")
+        emit(what="profile", net="mlpnet", n=args.n, p=lay.p, sparsity=0.9, l2=1e-3, seconds=round(sec, 3),
+             bare_pass=round(bare, 5), passes=round(sec / bare, 1), iterations=res.iterations,
+             reference=f"{part} ({100 * sec / total:.0f} % of {total:.2f} s profiled)")
+    del X, Xn
+
+    # -- the block backsolve on ResNet20 -----------------------------------------------------------
+    X, w_bar, lay = gradients_of("resnet20", cm.data.load("cifar10", "train"), args.n, device)
+    Xn, wn = X.cpu().numpy(), w_bar.cpu().numpy()
+    blocks = cm.solver.blocks.layer_blocks(lay, 500)
+    spans = cm.solver.blocks.contiguous_spans(blocks)
+    l2 = 1e-3
+    for s in [0.7, 0.8, 0.9]:
+        k = cm.num_kept(s, lay.p)
+        problem = cm.solver.problem.Problem(X, w_bar, l2)
+        support = cm.solver.backsolve.first_step_support(problem, k)
+        bare = bare_pass(X)
+        ours, w = seconds(lambda: cm.solver.blocks.block_backsolve(problem, k, blocks, support)[0], repeats=3)
+        sup = support.cpu().numpy()
+        ref, w_ref = seconds(lambda: numpy_block_backsolve(Xn, wn, spans, sup, l2))
+
+        def block_objective(v):  # f of the block-diagonal problem: Σ_b ½‖X_b(v_b − w̄_b)‖² + λ‖v − w̄‖²
+            d = v - w_bar
+            return float(0.5 * cm.solver.blocks.block_matvecs(X, d, blocks).square().sum()
+                         + l2 * args.n / 2 * d.square().sum())
+
+        emit(what="block", net="resnet20", n=args.n, p=lay.p, sparsity=s, l2=l2, seconds=round(ours, 3),
+             bare_pass=round(bare, 5), passes=round(ours / bare, 1), iterations=1,
+             reference="numpy loop of per-block ridge solves", reference_seconds=round(ref, 3),
+             reference_iterations=1, speedup=round(ref / ours, 2),
+             objective=f"{block_objective(w):.6g}",
+             reference_objective=f"{block_objective(torch.from_numpy(w_ref).to(device)):.6g}")
     write_table(rows, args.out, device.type)
 
 

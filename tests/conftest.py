@@ -113,3 +113,11 @@ def built_book(tmp_path_factory):
                            "-W", "--keep-going"], capture_output=True, text=True, timeout=1200)
     return SimpleNamespace(returncode=proc.returncode, log=proc.stdout + proc.stderr, html=out / "_build" / "html")
 
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (scripts/test.sh runs ``-n 2 --dist loadgroup``), every test that needs the built book
+    runs on one worker, so the book is built once per session, not once per worker."""
+    for item in items:
+        if "built_book" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("book"))

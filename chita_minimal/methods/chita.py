@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from chita_minimal.methods.base import REGISTRY, Method, ModelMethod, OptionError, Stage, Step, register
-from chita_minimal.solver.blocks import layer_blocks
+from chita_minimal.solver.blocks import PARTITIONS, layer_blocks
 from chita_minimal.solver.schedules import SCHEDULES
 from chita_minimal.solver.schedules import schedule as make_schedule
 from chita_minimal.solver.solve import solve
@@ -127,16 +127,18 @@ class ChitaBlock(ChitaSolve):
     summary = "block backsolve: per-layer blocks, one global support, ridge solve per block (Alg 6)"
     solver = "block"
     block_size: int = 500
+    partition: str = "fixed"
 
     def check(self):
         check_int("block_size", self.block_size)
+        check_partition(self.partition)
 
     def working_bytes(self, n, p, k, itemsize):
         # one Gram of at most block_size² numbers per block, and the gathered kept columns
         return Method.working_bytes(self, n, p, k, itemsize) + (p * self.block_size + n * k) * itemsize
 
     def solver_options(self, stage):
-        return dict(blocks=layer_blocks(stage.layout, self.block_size))
+        return dict(blocks=layer_blocks(stage.layout, self.block_size, self.partition))
 
     def prune_streamed(self, model, dataset, sparsity, settings, names):
         """The same block backsolve from streamed gradients, never holding X (when X would not fit):
@@ -147,7 +149,8 @@ class ChitaBlock(ChitaSolve):
         from chita_minimal.scale.streaming import block_backsolve_streamed  # the scale layer, only when needed
 
         out = block_backsolve_streamed(model, dataset, sparsity, n_grads=settings.n_grads, block_size=self.block_size,
-                                       l2=settings.l2, seed=settings.seed, batch_size=settings.batch_size,
+                                       partition=self.partition, l2=settings.l2, seed=settings.seed,
+                                       batch_size=settings.batch_size,
                                        names=names, device=settings.device, write_back=False)
         return out
 
@@ -164,17 +167,20 @@ class ChitaBlockIHT(Chita):
     takes_pattern = False
     takes_sharded = False
     block_size: int = 500
+    partition: str = "fixed"
 
     def check(self):
         super().check()
         check_int("block_size", self.block_size)
+        check_partition(self.partition)
 
     def working_bytes(self, n, p, k, itemsize):
         # the block-diagonal operator holds a padded copy of X and one Gram per block
         return super().working_bytes(n, p, k, itemsize) + (n * p + p * self.block_size) * itemsize
 
     def solver_options(self, stage):
-        return dict(blocks=layer_blocks(stage.layout, self.block_size), **super().solver_options(stage))
+        return dict(blocks=layer_blocks(stage.layout, self.block_size, self.partition),
+                    **super().solver_options(stage))
 
 
 @register
@@ -231,3 +237,10 @@ class ChitaPlusPlus(Method):
 def _stageable(cls) -> bool:
     """Whether a method can solve a stage of CHITA++: one step to exactly k weights."""
     return cls.exact_k and not issubclass(cls, (ChitaPlusPlus, ModelMethod))
+
+
+def check_partition(partition) -> None:
+    """``partition`` of the block methods: "fixed" (blocks of block_size, a shorter last one per layer) or
+    "equal" (each layer cut into equal blocks); see :func:`chita_minimal.solver.blocks.layer_blocks`."""
+    if partition not in PARTITIONS:
+        raise ValueError(f"partition must be one of {', '.join(map(repr, PARTITIONS))}, got {partition!r}")

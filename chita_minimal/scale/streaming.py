@@ -89,7 +89,8 @@ def _buckets(support, bid, G_count, accum_dtype):
 
 
 def block_backsolve_streamed(model, dataset, sparsity: float, *, n_grads: int = 1000, block_size: int = 500,
-                             l2: float = 1e-3, seed: int = 0, batch_size: int = 1, chunk: int = 16, names=None,
+                             partition: str = "fixed", l2: float = 1e-3, seed: int = 0, batch_size: int = 1,
+                             chunk: int = 16, names=None,
                              device=None, accum_dtype: torch.dtype = torch.float64, progress: bool = False,
                              write_back: bool = True) -> StreamedSolve:
     """CHITA's block backsolve (Alg 6, α = 0) from streamed gradients; prunes ``model`` in place.
@@ -97,7 +98,8 @@ def block_backsolve_streamed(model, dataset, sparsity: float, *, n_grads: int = 
     Args:
         model, dataset, sparsity, n_grads, batch_size, l2, seed, names, device: as in
             :func:`chita_minimal.prune` (the rows are the same samples as ``prune`` draws for ``seed``).
-        block_size: Fisher block width; blocks never straddle two layers (as ``prune`` makes them).
+        block_size, partition: Fisher blocks inside each layer, as ``prune`` makes them
+            (:func:`chita_minimal.solver.blocks.layer_blocks`).
         chunk: rows computed at a time (memory chunk·p numbers).
         accum_dtype: dtype of the Gram sums (fp64 by default; they are small).
         write_back: write the pruned weights into ``model`` (else leave it unchanged).
@@ -114,7 +116,7 @@ def block_backsolve_streamed(model, dataset, sparsity: float, *, n_grads: int = 
     p = lay.p
     k = num_kept(sparsity, p)
     support = hard_threshold(w_bar, k)  # Alg 5 step 1 with α = 0: the magnitude mask
-    bid, _, G_count = block_ids(p, [len(b) for b in layer_blocks(lay, block_size)], device=dev)
+    bid, _, G_count = block_ids(p, [len(b) for b in layer_blocks(lay, block_size, partition)], device=dev)
     buckets = _buckets(support, bid, G_count, accum_dtype)
     w_out = w_bar * ~support  # the pruned part: its contribution r_b to each block's residual
 

@@ -182,7 +182,7 @@ def test_torchrun_launcher_runs_two_ranks(tmp_path):
 
     torchrun = Path(sys.executable).parent / "torchrun"
     report = tmp_path / "report.json"
-    cmd = [str(torchrun), "--nproc-per-node", "2", "-m", "chita_minimal.scale.launch", "--n-grads", "40",
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "chita_minimal.scale.launch", "--n-grads", "40",
            "--threads", "1", "--timeout", "60", "--out", str(report)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -177,3 +177,18 @@ def test_layer_blocks_partition_each_layer_without_straddling():
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="block_size"):
             layer_blocks(lay, bad)
+
+
+def test_equal_partition_cuts_every_layer_into_equal_blocks():
+    from types import SimpleNamespace
+    lay = SimpleNamespace(offsets=[0, 1234, 1234 + 80], numels=[1234, 80, 2000])
+    fixed = layer_blocks(lay, 500)
+    equal = layer_blocks(lay, 500, partition="equal")
+    for parts in (fixed, equal):  # a partition of range(p) that never straddles a layer
+        assert torch.equal(torch.sort(torch.cat(parts)).values, torch.arange(3314))
+        assert all(len({int(torch.searchsorted(torch.tensor(lay.offsets), int(i), right=True)) for i in b[[0, -1]]})
+                   == 1 for b in parts)
+    assert [len(b) for b in fixed] == [500, 500, 234, 80, 500, 500, 500, 500]
+    assert [len(b) for b in equal] == [617, 617, 80, 500, 500, 500, 500]
+    with pytest.raises(ValueError, match="partition must be one of"):
+        layer_blocks(lay, 500, partition="random")
