@@ -5,11 +5,11 @@ first-order method does per iteration), measured in the same process just before
 written plainly in numpy in the same process, so that a reader can check the ratios on their own machine:
 
   active_set   MLPNet (shared checkpoint), n = 1000 per-sample gradients, fp32, l2 = 1e-3 and 0.1,
-               sparsity 0.5 … 0.98: the package's active set (Alg 4) against ``numpy_iht`` (IHT with a
+               sparsity 0.5 … 0.98: the package's active set (Alg 4) against ``cm.solver.reference.iht`` (IHT with a
                backtracking line search on the step, the textbook form of Alg 3, run to the same tolerance)
   block        ResNet20 (shared checkpoint), n = 1000, blocks of 500 per layer, sparsity 0.7 / 0.8 / 0.9: the
-               block backsolve of Alg 6 on a fixed support against ``numpy_block_backsolve`` (one ridge solve
-               per block in a Python loop)
+               block backsolve of Alg 6 on a fixed support against ``cm.solver.reference.block_backsolve``
+               (one ridge solve per block in a Python loop)
   profile      where the active set's time goes at 0.9 (cProfile, cumulative; parts nest), in bare passes
 
 Columns: seconds (ours), passes (ours / bare pass), reference_seconds, speedup (reference / ours), objective
@@ -35,76 +35,6 @@ PARTS = {"matvec": ["matvec", "matvec_cols"], "rmatvec": ["rmatvec"], "top-k": [
          "lipschitz": ["lipschitz"], "swap": ["_best_swap"]}
 
 
-# ----------------------------------------------------------------------------- plain references
-
-
-def numpy_objective(X, y, w, w_bar, lam):
-    r = y - X @ w
-    return 0.5 * float(r @ r) + lam * float((w - w_bar) @ (w - w_bar))
-
-
-def numpy_iht(X, w_bar, k, l2, *, tol=1e-7, max_iter=2000):
-    """IHT with a backtracking line search (Alg 3 in its textbook form), in numpy: from the magnitude mask,
-    w ← H_k(w − η∇f(w)) with η = 1/L doubled while f decreases (at most 8 doublings) and halved until f
-    does not increase; stop when f decreases by less than tol·|f|. Returns (w, f, iterations)."""
-    n = X.shape[0]
-    lam = l2 * n / 2.0
-    y = X @ w_bar
-    v = np.random.default_rng(0).standard_normal(X.shape[1]).astype(X.dtype)
-    for _ in range(30):  # power iteration for L = ‖X‖² + 2λ
-        v = X.T @ (X @ v)
-        v /= np.linalg.norm(v)
-    L = float(np.linalg.norm(X @ v) ** 2) + 2 * lam
-
-    def threshold(u):
-        out = np.zeros_like(u)
-        top = np.argpartition(-np.abs(u), k - 1)[:k]
-        out[top] = u[top]
-        return out
-
-    w = threshold(w_bar)
-    f = numpy_objective(X, y, w, w_bar, lam)
-    for it in range(1, max_iter + 1):
-        g = -(X.T @ (y - X @ w)) + 2 * lam * (w - w_bar)
-        eta, best_w, best_f = 1.0 / L, None, f
-        for _ in range(8):  # grow the step while it helps
-            cand = threshold(w - eta * g)
-            fc = numpy_objective(X, y, cand, w_bar, lam)
-            if fc >= best_f:
-                break
-            best_w, best_f, eta = cand, fc, 2 * eta
-        while best_w is None and eta > 1e-6 / L:  # or shrink it until f does not increase
-            eta /= 2
-            cand = threshold(w - eta * g)
-            fc = numpy_objective(X, y, cand, w_bar, lam)
-            if fc <= f:
-                best_w, best_f = cand, fc
-        if best_w is None or f - best_f < tol * abs(f):
-            return (w if best_w is None else best_w), min(f, best_f), it
-        w, f = best_w, best_f
-    return w, f, max_iter
-
-
-def numpy_block_backsolve(X, w_bar, starts_widths, support, l2):
-    """Alg 6 on a fixed support, one block at a time in numpy: per block the normal equations
-    (X_SᵀX_S + 2λI)Δ = X_Sᵀr₀ with r₀ = X_b w̄_b − X_S w̄_S, solved with Cholesky."""
-    n = X.shape[0]
-    lam2 = l2 * n
-    w = np.zeros_like(w_bar)
-    for a, width in starts_widths:
-        Xb, wb, sb = X[:, a:a + width], w_bar[a:a + width], support[a:a + width]
-        if not sb.any():
-            continue
-        XS = Xb[:, sb]
-        r0 = Xb @ wb - XS @ wb[sb]
-        A = (XS.T @ XS).astype(np.float64) + lam2 * np.eye(XS.shape[1])
-        c = np.linalg.cholesky(A)
-        z = np.linalg.solve(c, (XS.T @ r0).astype(np.float64))
-        delta = np.linalg.solve(c.T, z)
-        w[a:a + width][sb] = wb[sb] + delta.astype(X.dtype)
-    return w
-
-
 # ----------------------------------------------------------------------------- measuring
 
 
@@ -116,21 +46,6 @@ def seconds(fn, repeats=1):
         out = fn()
         best = min(best, time.perf_counter() - t0)
     return best, out
-
-
-def bare_pass(X):
-    """Seconds of one X @ w + X.T @ r (median of 7 after a warm-up), synchronised on a GPU."""
-    w, r = torch.randn(X.shape[1], device=X.device, dtype=X.dtype), torch.randn(X.shape[0], device=X.device,
-                                                                                  dtype=X.dtype)
-    sync = torch.cuda.synchronize if X.device.type == "cuda" else (lambda: None)
-    times = []
-    for _ in range(8):
-        sync()
-        t0 = time.perf_counter()
-        X @ w, X.T @ r
-        sync()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times[1:]))
 
 
 def gradients_of(name, dataset, n, device):
@@ -164,9 +79,9 @@ def main():
     for l2 in [1e-3, 0.1]:
         for s in sparsities:
             k = cm.num_kept(s, lay.p)
-            bare = bare_pass(X)
+            bare = cm.network.measure.bare_pass(X)
             ours, res = seconds(lambda: cm.solve(X, w_bar, k, l2=l2, method="active"))
-            ref, (w_ref, f_ref, it_ref) = seconds(lambda: numpy_iht(Xn, wn, k, l2, max_iter=300 if args.quick
+            ref, (w_ref, f_ref, it_ref) = seconds(lambda: cm.solver.reference.iht(Xn, wn, k, l2, max_iter=300 if args.quick
                                                                     else 2000))
             emit(what="active_set", net="mlpnet", n=args.n, p=lay.p, sparsity=s, l2=l2, seconds=round(ours, 3),
                  bare_pass=round(bare, 5), passes=round(ours / bare, 1), iterations=res.iterations,
@@ -176,7 +91,7 @@ def main():
 
     # -- where the active set's passes go ----------------------------------------------------------
     k = cm.num_kept(0.9, lay.p)
-    bare = bare_pass(X)
+    bare = cm.network.measure.bare_pass(X)
     res, total, parts = cm.network.measure.profile(cm.solve, X, w_bar, k, l2=1e-3, method="active",
                                                    functions=PARTS)
     for part, sec in parts.items():
@@ -195,10 +110,10 @@ def main():
         k = cm.num_kept(s, lay.p)
         problem = cm.solver.problem.Problem(X, w_bar, l2)
         support = cm.solver.backsolve.first_step_support(problem, k)
-        bare = bare_pass(X)
+        bare = cm.network.measure.bare_pass(X)
         ours, w = seconds(lambda: cm.solver.blocks.block_backsolve(problem, k, blocks, support)[0], repeats=3)
         sup = support.cpu().numpy()
-        ref, w_ref = seconds(lambda: numpy_block_backsolve(Xn, wn, spans, sup, l2))
+        ref, w_ref = seconds(lambda: cm.solver.reference.block_backsolve(Xn, wn, spans, sup, l2))
 
         def block_objective(v):  # f of the block-diagonal problem: Σ_b ½‖X_b(v_b − w̄_b)‖² + λ‖v − w̄‖²
             d = v - w_bar

@@ -171,3 +171,21 @@ def latency(model, input_shape, *, batch_size: int = 1, repeats: int = 30, warmu
         model.train(was_training)
     t = torch.tensor(times)
     return Latency(float(t.median()), float(t.quantile(0.1)), float(t.quantile(0.9)), batch_size, repeats)
+
+
+def bare_pass(X: torch.Tensor, repeats: int = 7) -> float:
+    """Seconds of one bare pass ``X @ w`` + ``X.T @ r`` (the least work of one first-order iteration on X):
+    the median of ``repeats`` after a warm-up, synchronised on a GPU. The unit of the speed ratios in
+    ``bench/speed.py`` and the runtime chapter: a solve that takes t seconds costs t / bare_pass(X) passes."""
+    w = torch.randn(X.shape[1], device=X.device, dtype=X.dtype)
+    r = torch.randn(X.shape[0], device=X.device, dtype=X.dtype)
+    sync = torch.cuda.synchronize if X.device.type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(repeats + 1):
+        sync()
+        t0 = time.perf_counter()
+        X @ w, X.T @ r
+        sync()
+        times.append(time.perf_counter() - t0)
+    times = sorted(times[1:])
+    return times[len(times) // 2]

@@ -10,9 +10,10 @@
 | ``patterns`` | N:M semi-structured sparsity as a constraint of (P) |
 | ``schedules`` | CHITA++ sparsity schedules (Alg 1) |
 | ``solve`` | ``solve(X, w_bar, k, method=...)``: one entry point for all solvers |
+| ``reference`` | plain numpy references (textbook IHT with line search, looped block backsolve) for benchmarks |
 """
 
 from chita_minimal.utils import lazy_submodules
 
 __getattr__ = lazy_submodules(__name__, ("problem", "iht", "active_set", "backsolve", "blocks", "patterns",
-                                         "schedules", "solve"))
+                                         "schedules", "solve", "reference"))
