@@ -123,13 +123,16 @@ class LoadedModel:
     keep: dict[str, torch.Tensor] | None
 
 
-def load_pruned(model_or_factory, path, *, attach_masks: bool = True, device=None) -> LoadedModel:
+def load_pruned(model_or_factory, path, *, attach_masks: bool = True, device=None,
+                example_inputs=None) -> LoadedModel:
     """Restore a model written by :func:`save_pruned`.
 
     ``model_or_factory``: the dense architecture — a model (changed in place) or a function that
     returns one (e.g. ``lambda: cm.models.resnet20()``). A file saved with ``keep=`` is rebuilt by
-    shrinking that model to the saved channels first. ``attach_masks``: re-attach the masks with a
-    ``MaskKeeper`` for fine-tuning (call ``loaded.keeper.apply()`` after each optimizer step).
+    shrinking that model to the saved channels first (``example_inputs``: what the model is called
+    with, needed for that by models other than the package's, see ``channels.shrink``).
+    ``attach_masks``: re-attach the masks with a ``MaskKeeper`` for fine-tuning (call
+    ``loaded.keeper.apply()`` after each optimizer step).
     """
     from safetensors import safe_open
 
@@ -150,7 +153,7 @@ def load_pruned(model_or_factory, path, *, attach_masks: bool = True, device=Non
     if keep is not None:
         from chita_minimal.structure.channels import shrink
 
-        model = shrink(model, keep)
+        model = shrink(model, keep, example_inputs)
     shapes = json.loads(meta["mask_shapes"])
     masks = {name: _unpack(tensors[f"mask/{name}"], shape) for name, shape in shapes.items()}
     state = {k[len("state/"):]: v for k, v in tensors.items() if k.startswith("state/")}

@@ -2,7 +2,8 @@
 
 | module | what |
 |---|---|
-| ``channels`` | channel groups, ``shrink`` (channels really removed), FLOP counter, L1/Taylor scores, FLOP-budget selection, group-CHITA |
+| ``graph`` | channel groups of any traceable model, from Torch-Pruning's dependency graph |
+| ``channels`` | ``shrink`` (channels really removed), FLOP counter, L1/Taylor scores, FLOP-budget selection, group-CHITA |
 | ``sosp`` | SOSP-H channel scores (second-order, Fisher) |
 | ``spectral`` | Hessian-spectral-radius channel scores |
 | ``ispasp`` | I-SpaSP: CoSaMP-style channel selection on hidden outputs |
@@ -18,4 +19,5 @@ Every entry point returns a :class:`chita_minimal.report.Report`; the channel me
 
 from chita_minimal.utils import lazy_submodules
 
-__getattr__ = lazy_submodules(__name__, ("channels", "sosp", "spectral", "ispasp", "smcp", "lowrank", "quantize", "heads"))
+__getattr__ = lazy_submodules(__name__, ("graph", "channels", "sosp", "spectral", "ispasp", "smcp", "lowrank",
+                                         "quantize", "heads"))

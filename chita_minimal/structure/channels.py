@@ -1,16 +1,19 @@
 """Structured (channel) pruning that physically removes channels, and Group-CHITA.
 
 A *channel group* is one prunable width of the network: channel c is output row c of its
-producer layer(s) (and entry c of their BatchNorms) and input column c of its consumer layer(s).
+producer layer(s) (and entry c of their norm layers) and the input column(s) of its consumer
+layer(s) that read it. Groups come from Torch-Pruning's dependency graph
+(:mod:`chita_minimal.structure.graph`: :func:`channel_groups`, :class:`ChannelGroup`), so any
+model Torch-Pruning can trace works, given ``example_inputs`` (defaults exist for the package's
+models, :data:`DEFAULT_INPUT_SHAPES`). On the package's CIFAR/MNIST models they are:
 
 - ResNet20 (:class:`ResNetCifar`), default: the inner channels of every BasicBlock, named after
-  the producer, e.g. ``"layer1.0.conv1"`` (:class:`ChannelGroup`: producer ``conv1``, BatchNorm
-  ``bn1``, consumer ``conv2``).
+  the producer, e.g. ``"layer1.0.conv1"`` (producer ``conv1``, BatchNorm ``bn1``, consumer ``conv2``).
 - ResNet20 with ``residual=True`` (opt-in), in addition: one residual *stream* per stage, the
-  channels added together by the skip connections (:class:`ResidualGroup`), named
-  ``"layer1.residual"``, ``"layer2.residual"``, ``"layer3.residual"``. A stream channel c is
-  written by every producer of the stream and read by every consumer, so removing it from all
-  of them at once keeps the additions ``bn2(conv2(·)) + shortcut`` consistent:
+  channels added together by the skip connections, named ``"layer1.residual"``,
+  ``"layer2.residual"``, ``"layer3.residual"``. A stream channel c is written by every producer
+  of the stream and read by every consumer, so removing it from all of them at once keeps the
+  additions ``bn2(conv2(·)) + shortcut`` consistent:
 
   ============  ==========================================  ==========================================
   stream        producers (rows c, BN entries c)            consumers (input columns c)
@@ -27,22 +30,31 @@ producer layer(s) (and entry c of their BatchNorms) and input column c of its co
 - MLPNet: the hidden neurons of ``fc1`` (consumer ``fc2``) and of ``fc2`` (consumer ``fc3``). It
   has no skip connections: ``residual=True`` returns the same two groups (no error), so code
   written for ResNet20 with ``residual=True`` runs unchanged on MLPNet.
+- Other models (MobileNetV1, ResNet50, your own): one group per coupled width, named after its
+  first producer (streams: ``"<stage>.residual"``); a depthwise conv belongs to the group of the
+  channels it filters, as a producer; flatten → Linear heads and concatenations read channels
+  through index maps (see :mod:`~chita_minimal.structure.graph`).
 
 Pieces::
 
     keep = {"layer1.0.conv1": mask16, ...}      # bool (channels,), True = kept; absent = all kept
-    small = shrink(model, keep)                 # NEW dense model with smaller Conv2d/BN/Linear
+    small = shrink(model, keep)                 # NEW dense model with smaller layers
     flops(small, (3, 32, 32)); param_bytes(small)
     keep, frac = select(model, l1_scores(model), 0.5)          # ≤ 50 % of the FLOPs removed
     keep, frac = select(model, l1_scores(model, residual=True), 0.5, residual=True)  # streams too
     small = shrink(model, keep)                 # accepts "layerK.residual" masks as they are
     report = group_chita_prune(model, data, 0.5, n_grads=128, l2=1e-3)   # a ChannelReport
     report.model, report.keep, report.achieved  # the small model, kept channels, FLOP fraction removed
+    # any other model: pass what it is called with (or input_shape=, where a function has one)
+    x = torch.zeros(1, 3, 64, 64)
+    keep, frac = select(net, l1_scores(net, example_inputs=x), 0.5, (3, 64, 64))
+    small = shrink(net, keep, example_inputs=x)
 
 Scores: L1 filter norms (Li et al., ICLR 2017), first-order Taylor importance (Molchanov et
-al., CVPR 2019) and its OBD-style second-order (Fisher) counterpart (LeCun et al. 1990). For a
-stream channel they sum over *all* its producer rows (stem, ``conv2`` of every block,
-``downsample``), i.e. they include the filters feeding the skip connections.
+al., CVPR 2019) and its OBD-style second-order (Fisher) counterpart (LeCun et al. 1990). They
+sum over *all* the producer rows of a channel (for a stream: stem, ``conv2`` of every block,
+``downsample``, i.e. the filters feeding the skip connections; for a MobileNet group: the
+pointwise filter and the depthwise filter of the channel), through the group's index maps.
 Group-CHITA: problem (P) of CHITA (Benbaki et al., ICML 2023) under a group-L0 constraint,
 solved by IHT with group projection and a line search, then backsolve on the chosen groups.
 """
@@ -56,109 +68,31 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
-from chita_minimal.network import fisher
-from chita_minimal.models.mlpnet import MLPNet
-from chita_minimal.models.resnet_cifar import ResNetCifar
+from chita_minimal.network import fisher, samples
 from chita_minimal.network.params import write_back
 from chita_minimal.report import Report
 from chita_minimal.solver.problem import Problem, ridge_on_support
+from chita_minimal.structure.graph import (all_groups, channel_groups, default_input_shape, example_inputs_for,
+                                           missing_inputs, prune_channels)
+from chita_minimal.structure.graph import DEFAULT_INPUT_SHAPES, ChannelGroup, ResidualGroup  # noqa: F401 (re-exported)
+from chita_minimal.structure.graph import MissingExampleInputs  # noqa: F401 (re-exported)
 from chita_minimal.utils import renamed
-
-DEFAULT_INPUT_SHAPES = {ResNetCifar: (3, 32, 32), MLPNet: (1, 28, 28)}
 
 
 # -----------------------------------------------------------------------------
-# channel groups
+# channel groups (built in chita_minimal.structure.graph)
 
 
-@dataclass(frozen=True)
-class ChannelGroup:
-    """Module names of one prunable width: producer rows, optional BN entries, consumer input columns.
-
-    ``producers``/``bns``/``consumers`` give the same names as tuples, like :class:`ResidualGroup`.
-    """
-
-    producer: str
-    bn: str | None
-    consumer: str
-
-    @property
-    def producers(self) -> tuple[str, ...]:
-        return (self.producer,)
-
-    @property
-    def bns(self) -> tuple[str, ...]:
-        return () if self.bn is None else (self.bn,)
-
-    @property
-    def consumers(self) -> tuple[str, ...]:
-        return (self.consumer,)
+def group_widths(model: nn.Module, residual: bool = False, *, example_inputs=None) -> dict[str, int]:
+    """Channels of each group (of :func:`channel_groups`)."""
+    return {name: gr.channels for name, gr in channel_groups(model, example_inputs, residual=residual).items()}
 
 
-@dataclass(frozen=True)
-class ResidualGroup:
-    """Module names of one residual stream: channel c is output row c of every producer (and entry c
-    of every BN in ``bns``) and input column c of every consumer; all are removed together."""
-
-    producers: tuple[str, ...]
-    bns: tuple[str, ...]
-    consumers: tuple[str, ...]
-
-
-def _check_residual(residual) -> bool:
-    if not isinstance(residual, bool):
-        raise TypeError(f"residual must be a bool, got {type(residual).__name__}")
-    return residual
-
-
-def _residual_groups(model: ResNetCifar) -> dict[str, ResidualGroup]:
-    """One :class:`ResidualGroup` per stage (see module docstring). A stream starts at the stem and
-    at every ``downsample`` (1×1 conv + BN, the first block of stages 2 and 3) and ends at ``fc``."""
-    out = {}
-    name, prod, bns, cons = "layer1.residual", ["conv1"], ["bn1"], []
-    for s in ("layer1", "layer2", "layer3"):
-        for b, block in enumerate(getattr(model, s)):
-            pre = f"{s}.{b}"
-            cons.append(f"{pre}.conv1")
-            if block.downsample is not None:  # the shortcut maps the old stream to a new one
-                cons.append(f"{pre}.downsample.0")
-                out[name] = ResidualGroup(tuple(prod), tuple(bns), tuple(cons))
-                name, prod, bns, cons = f"{s}.residual", [f"{pre}.downsample.0"], [f"{pre}.downsample.1"], []
-            prod.append(f"{pre}.conv2")
-            bns.append(f"{pre}.bn2")
-    cons.append("fc")
-    out[name] = ResidualGroup(tuple(prod), tuple(bns), tuple(cons))
-    return out
-
-
-def channel_groups(model: nn.Module, *, residual: bool = False) -> dict[str, ChannelGroup | ResidualGroup]:
-    """The prunable channel groups of a ResNetCifar or MLPNet, in forward order.
-
-    ``residual=True`` appends ResNetCifar's residual streams (:class:`ResidualGroup`, one per stage,
-    ``"layerK.residual"``) after the inner groups; MLPNet has none and returns its usual groups.
-    """
-    residual = _check_residual(residual)
-    if isinstance(model, ResNetCifar):
-        groups = {f"{s}.{b}.conv1": ChannelGroup(f"{s}.{b}.conv1", f"{s}.{b}.bn1", f"{s}.{b}.conv2")
-                  for s in ("layer1", "layer2", "layer3") for b in range(len(getattr(model, s)))}
-        if residual:
-            groups.update(_residual_groups(model))
-        return groups
-    if isinstance(model, MLPNet):
-        return {"fc1": ChannelGroup("fc1", None, "fc2"), "fc2": ChannelGroup("fc2", None, "fc3")}
-    raise TypeError(f"structured pruning supports ResNetCifar and MLPNet, got {type(model).__name__}")
-
-
-def group_widths(model: nn.Module, residual: bool = False) -> dict[str, int]:
-    """Channels of each group (of :func:`channel_groups`), read off its first producer's weight."""
-    return {name: model.get_submodule(gr.producers[0]).weight.shape[0]
-            for name, gr in channel_groups(model, residual=residual).items()}
-
-
-def check_keep(model: nn.Module, keep, residual: bool = False) -> dict[str, torch.Tensor]:
+def check_keep(model: nn.Module, keep, residual: bool = False, *, example_inputs=None) -> dict[str, torch.Tensor]:
     """Validated keep masks, one bool (channels,) per group (absent groups: all kept)."""
-    widths = group_widths(model, residual)
+    widths = group_widths(model, residual, example_inputs=example_inputs)
     if not isinstance(keep, dict):
         raise TypeError(f"keep must be a dict group name -> bool mask, got {type(keep).__name__}")
     unknown = [name for name in keep if name not in widths]
@@ -186,45 +120,34 @@ def check_fraction(fraction) -> float:
     return float(fraction)
 
 
+def _input_shape(model: nn.Module, input_shape=None, example_inputs=None) -> tuple:
+    """One input's shape for FLOP counting: ``input_shape``, else that of a single-tensor
+    ``example_inputs``, else the model's default (:class:`MissingExampleInputs` if none)."""
+    if input_shape is not None:
+        return tuple(input_shape)
+    if isinstance(example_inputs, torch.Tensor):
+        return tuple(example_inputs.shape[1:])
+    shape = default_input_shape(model)
+    if shape is None:
+        raise missing_inputs(model, input_shape=True)
+    return shape
+
+
 # -----------------------------------------------------------------------------
 # physical removal
 
 
-def smaller_layer(m: nn.Module, out_idx, in_idx) -> nn.Module:
-    """A copy of Conv2d / Linear / BatchNorm2d ``m`` keeping output rows out_idx and input columns in_idx."""
-    kw = dict(device=m.weight.device, dtype=m.weight.dtype)
-    if isinstance(m, nn.BatchNorm2d):
-        new = nn.BatchNorm2d(len(out_idx), m.eps, m.momentum, m.affine, m.track_running_stats, **kw)
-        for name, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
-            src = t.detach() if t.dim() == 0 else t.detach()[out_idx]
-            getattr(new, name).data.copy_(src)
-    else:
-        W = m.weight.detach()[out_idx][:, in_idx]  # conv: (out, in/groups, kh, kw); linear: (out, in)
-        if isinstance(m, nn.Conv2d):
-            if m.groups != 1:
-                raise ValueError("grouped convolutions are not supported by shrink")
-            new = nn.Conv2d(W.shape[1], W.shape[0], m.kernel_size, m.stride, m.padding, m.dilation, 1,
-                            m.bias is not None, m.padding_mode, **kw)
-        else:
-            new = nn.Linear(W.shape[1], W.shape[0], bias=m.bias is not None, **kw)
-        new.weight.data.copy_(W)
-        if m.bias is not None:
-            new.bias.data.copy_(m.bias.detach()[out_idx])
-    for name, prm in new.named_parameters(recurse=False):
-        prm.requires_grad_(getattr(m, name).requires_grad)
-    return new.train(m.training)
-
-
-def shrink(model: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
+def shrink(model: nn.Module, keep: dict[str, torch.Tensor], example_inputs=None) -> nn.Module:
     """A NEW smaller dense model keeping only the channels ``keep[group]`` (True = kept); ``model`` is untouched.
 
-    Removing channel c of a group deletes row c of the producer's weight (and bias), entry c
-    of its BatchNorm (weight, bias, running_mean, running_var) and input column c of the
-    consumer's weight. The channel is removed *entirely*: its BN bias, which in the dense
-    model makes the channel a constant relu(β_c) fed to the consumer, goes too. Hence the
-    small model equals the dense model whenever every removed channel contributes nothing to
-    the consumer — its consumer column is zero, or its producer row *and* BN weight/bias are
-    zero. Groups absent from ``keep`` keep all channels.
+    Removing channel c of a group deletes row c of every producer's weight (and bias), entry c
+    of every norm layer (weight, bias, running_mean, running_var) and the input columns of every
+    consumer that read channel c (one column, or the HW columns of a flatten → Linear head);
+    a depthwise conv of the group loses filter c and one group. The channel is removed
+    *entirely*: its BN bias, which in the dense model makes the channel a constant relu(β_c)
+    fed to the consumer, goes too. Hence the small model equals the dense model whenever every
+    removed channel contributes nothing to the consumers — their columns are zero, or the
+    producer rows *and* BN weight/bias are zero. Groups absent from ``keep`` keep all channels.
 
     ``keep`` may also hold residual streams (``"layerK.residual"``, see :func:`channel_groups`
     with ``residual=True``): channel c is then removed from every producer (rows, BN entries)
@@ -232,26 +155,18 @@ def shrink(model: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
     The small model equals the dense one when, for every removed stream channel, all producer
     rows and BN weights/biases are zero (the channel is then 0 at every addition), or all
     consumer columns are zero (nothing reads it). Streams absent from ``keep`` keep their width.
-    Modes (train/eval) and ``requires_grad`` flags are copied.
+
+    Works on any model Torch-Pruning can trace (``example_inputs`` as for :func:`channel_groups`):
+    the model is deep-copied, the copy traced, and each group's dropped channels removed by
+    Torch-Pruning (:func:`graph.prune_channels`). Modes (train/eval) and ``requires_grad`` flags
+    are kept.
     """
-    groups = channel_groups(model, residual=True)  # accepts stream names; MLPNet: its usual groups
-    keep = check_keep(model, keep, residual=True)
-    out_sel, in_sel = {}, {}  # module name -> kept indices along dim 0 / dim 1
-    for name, gr in groups.items():
-        if isinstance(gr, ResidualGroup) and name not in keep:
-            continue  # an untouched stream: its modules are not rebuilt
-        idx = torch.nonzero(keep[name]).squeeze(1)
-        for m in gr.producers + gr.bns:
-            out_sel[m] = idx
-        for m in gr.consumers:
-            in_sel[m] = idx
+    example_inputs = example_inputs_for(model, example_inputs)
+    groups = all_groups(model, example_inputs)  # stream names too; MLPNet: its usual groups
+    masks = check_keep(model, keep, residual=True, example_inputs=example_inputs)
+    drop = {name: torch.nonzero(~masks[name]).squeeze(1) for name in keep}
     small = copy.deepcopy(model)
-    for mname in set(out_sel) | set(in_sel):
-        m = model.get_submodule(mname)
-        full_out = torch.arange(m.weight.shape[0])
-        full_in = torch.arange(m.weight.shape[1]) if m.weight.dim() > 1 else None
-        new = smaller_layer(m, out_sel.get(mname, full_out), in_sel.get(mname, full_in))
-        small.set_submodule(mname, new)
+    prune_channels(small, groups, drop, example_inputs)
     return small
 
 
@@ -260,17 +175,19 @@ def shrink(model: nn.Module, keep: dict[str, torch.Tensor]) -> nn.Module:
 
 
 def layer_costs(model: nn.Module, input_shape) -> dict[str, tuple[int, int, int]]:
-    """Per Conv2d/Linear module: (unit, in_channels, out_channels) with MACs = unit·in·out at batch 1.
+    """Per Conv2d/Linear module: (unit, in, out_channels) with MACs = unit·in·out at batch 1.
 
-    unit = out_h·out_w·kh·kw/groups for a Conv2d, the number of output rows for a Linear (1 for 2-D input).
+    Conv2d: unit = out_h·out_w·kh·kw and in = in_channels/groups, the input channels each filter
+    reads (1 for a depthwise conv); Linear: unit = the number of output rows (1 for 2-D input),
+    in = in_features.
     """
     costs, hooks = {}, []
 
     def hook(name):
         def fn(m, inp, out):
             if isinstance(m, nn.Conv2d):
-                unit = out.shape[-2] * out.shape[-1] * m.kernel_size[0] * m.kernel_size[1] // m.groups
-                costs[name] = (unit, m.in_channels, m.out_channels)
+                unit = out.shape[-2] * out.shape[-1] * m.kernel_size[0] * m.kernel_size[1]
+                costs[name] = (unit, m.in_channels // m.groups, m.out_channels)
             else:
                 costs[name] = (out.numel() // m.out_features, m.in_features, m.out_features)
         return fn
@@ -319,24 +236,39 @@ def param_bytes(model: nn.Module) -> int:
 # filter importance scores: dict group -> (channels,)
 
 
-def l1_scores(model: nn.Module, *, residual: bool = False) -> dict[str, torch.Tensor]:
+def l1_scores(model: nn.Module, *, residual: bool = False, example_inputs=None) -> dict[str, torch.Tensor]:
     """L1 norm of each producer filter ‖W_c‖₁ (Li et al., "Pruning Filters for Efficient ConvNets", 2017).
 
-    A residual stream channel (``residual=True``) scores Σ_P ‖W_P[c]‖₁ over all its producers
-    P (stem or ``downsample`` conv, ``conv2`` of every block of the stage): the L1 mass of all
-    the filters that write the channel, the natural extension of the paper's per-filter norm
-    (the paper prunes the first layer of a block only). Producers with larger fan-in weigh
+    A channel with several producers scores Σ_P ‖W_P[c]‖₁ over all of them: for a residual
+    stream (``residual=True``) the stem or ``downsample`` conv and ``conv2`` of every block of the
+    stage, for a MobileNet group the pointwise filter c and the depthwise filter c — the L1 mass
+    of all the filters that write the channel, the natural extension of the paper's per-filter
+    norm (the paper prunes the first layer of a block only). Producers with larger fan-in weigh
     more; :func:`select` compares channels after dividing by the group mean, so only the
-    ranking within a group matters.
+    ranking within a group matters. Rows are summed per channel through the group's index maps
+    (:meth:`ChannelGroup.to_channels`). ``example_inputs``: as for :func:`channel_groups`.
     """
-    return {name: sum(model.get_submodule(p).weight.detach().abs().flatten(1).sum(1) for p in gr.producers)
-            for name, gr in channel_groups(model, residual=residual).items()}
+    return {name: sum(gr.to_channels(p, model.get_submodule(p).weight.detach().abs().flatten(1).sum(1))
+                      for p in gr.producers)
+            for name, gr in channel_groups(model, example_inputs, residual=residual).items()}
 
 
-def _channel_products(model, dataset, n_grads, batch_size, seed, residual=False) -> dict[str, torch.Tensor]:
+def _sample_inputs(model, dataset, example_inputs):
+    """Example inputs for tracing: given, the model's default, else the first input of an indexable
+    dataset (a batch of one); None otherwise (:func:`channel_groups` then says what is missing)."""
+    if example_inputs is not None or default_input_shape(model) is not None:
+        return example_inputs
+    data = dataset.dataset if isinstance(dataset, DataLoader) else dataset
+    if not samples.is_indexable(data) or len(data) == 0:
+        return None
+    return samples.stack([samples.split_sample(data[0])[0]])
+
+
+def _channel_products(model, dataset, n_grads, batch_size, seed, residual=False,
+                      example_inputs=None) -> dict[str, torch.Tensor]:
     """z_ic = Σ_P g_i^P · w^P_c: gradient row i dotted with filter c of every producer P of the
     group (one for inner groups, all of a stream's), per group, shape (n_grads, channels)."""
-    groups = channel_groups(model, residual=residual)
+    groups = channel_groups(model, _sample_inputs(model, dataset, example_inputs), residual=residual)
     names = [f"{p}.weight" for gr in groups.values() for p in gr.producers]
     s = fisher.gradients(model, dataset, n_grads, batch_size=batch_size, names=names, seed=seed, progress=False)
     out = {}
@@ -344,16 +276,16 @@ def _channel_products(model, dataset, n_grads, batch_size, seed, residual=False)
         z = 0
         for p in gr.producers:
             pname = f"{p}.weight"
-            w = model.get_parameter(pname).detach()  # (C, ...)
-            G = s.X[:, s.layout.span(pname)].view(s.n, w.shape[0], -1)  # (n, C, fan_in)
-            z = z + (G * w.view(1, w.shape[0], -1)).sum(-1)  # (n, C)
+            w = model.get_parameter(pname).detach()  # (rows, ...)
+            G = s.X[:, s.layout.span(pname)].view(s.n, w.shape[0], -1)  # (n, rows, fan_in)
+            z = z + gr.to_channels(p, (G * w.view(1, w.shape[0], -1)).sum(-1), dim=1)  # (n, C)
         out[gname] = z
     return out
 
 
 @renamed(n="n_grads")
 def taylor_scores(model: nn.Module, dataset, n_grads: int, *, batch_size: int = 1, seed: int = 0,
-                  residual: bool = False) -> dict[str, torch.Tensor]:
+                  residual: bool = False, example_inputs=None) -> dict[str, torch.Tensor]:
     """First-order Taylor importance (Molchanov et al., CVPR 2019): I_c = (1/n) Σ_i (g_i · w_c)².
 
     g_i = gradient of the loss of mini-batch i (per-sample with ``batch_size=1``) w.r.t. the
@@ -365,14 +297,17 @@ def taylor_scores(model: nn.Module, dataset, n_grads: int, *, batch_size: int = 
     of row c of *every* producer (stem / ``downsample`` and each block's ``conv2``, i.e. the
     filters feeding the skip connections), so g_i · w_c = Σ_P g_i^P · w^P_c = ∂L_i/∂m_c, the
     derivative w.r.t. a gate m_c (at 1) scaling channel c at the output of all producer convs.
+    The same holds for any group with several producers (a MobileNet group: the pointwise and
+    the depthwise filter c). ``example_inputs``: as for :func:`channel_groups`; for models
+    without a default, the dataset's first input is used.
     """
     return {k: (z ** 2).mean(0)
-            for k, z in _channel_products(model, dataset, n_grads, batch_size, seed, residual).items()}
+            for k, z in _channel_products(model, dataset, n_grads, batch_size, seed, residual, example_inputs).items()}
 
 
 @renamed(n="n_grads")
 def taylor2_scores(model: nn.Module, dataset, n_grads: int, *, batch_size: int = 1, seed: int = 0,
-                   residual: bool = False) -> dict[str, torch.Tensor]:
+                   residual: bool = False, example_inputs=None) -> dict[str, torch.Tensor]:
     """OBD-style second-order importance: ½ w_cᵀ F_cc w_c = ½ (1/n) Σ_i (g_i · w_c)².
 
     F = (1/n) Σ g_i g_iᵀ is the empirical Fisher of CHITA's (P) restricted to the filter's
@@ -385,7 +320,7 @@ def taylor2_scores(model: nn.Module, dataset, n_grads: int, *, batch_size: int =
     channel (F_cc is then the block of all those coordinates, cross-producer terms included).
     """
     return {k: 0.5 * (z ** 2).mean(0)
-            for k, z in _channel_products(model, dataset, n_grads, batch_size, seed, residual).items()}
+            for k, z in _channel_products(model, dataset, n_grads, batch_size, seed, residual, example_inputs).items()}
 
 
 # -----------------------------------------------------------------------------
@@ -395,24 +330,35 @@ def taylor2_scores(model: nn.Module, dataset, n_grads: int, *, batch_size: int =
 class FlopModel:
     """FLOPs of any keep configuration from the dense per-layer costs (exact for these models).
 
-    A layer's MACs are unit·in·out (see :func:`layer_costs`); a group's count replaces ``out``
-    of all its producers and ``in`` of all its consumers. A module may consume one group and
-    produce another (``layer2.0.conv1`` reads stream 1, writes an inner group), so both change.
+    A layer's MACs are unit·in·out (see :func:`layer_costs`). Keeping n of a group's C channels
+    removes (C − n)·k/C of ``out`` of each producer and of ``in`` of each consumer, k being the
+    member's indices in the group (k = C for identity maps: ``out`` becomes n; a flatten → Linear
+    consumer loses HW columns per channel). A depthwise conv is a producer only (its ``in`` is
+    1 per filter), so its MACs scale with n. A module may consume one group and produce another
+    (``layer2.0.conv1`` reads stream 1, writes an inner group), so both change.
+    ``example_inputs`` (for tracing) default to one zero input of ``input_shape``.
     """
 
-    def __init__(self, model, input_shape, residual=False):
+    def __init__(self, model, input_shape, residual=False, *, example_inputs=None):
         self.costs = layer_costs(model, tuple(input_shape))
-        self.groups = channel_groups(model, residual=residual)
+        self.groups = channel_groups(model, example_inputs_for(model, example_inputs, input_shape), residual=residual)
         self.total = sum(u * i * o for u, i, o in self.costs.values())
+        self._in, self._out = {}, {}  # module -> [(group, C, k)]
+        for g, gr in self.groups.items():
+            for side, names in ((self._out, gr.producers), (self._in, gr.consumers)):
+                for m in names:
+                    k = int((gr.channel_of(m) >= 0).sum())
+                    side.setdefault(m, []).append((g, gr.channels, k))
 
     def __call__(self, counts: dict[str, int]) -> int:
-        cin = {m: counts[g] for g, gr in self.groups.items() for m in gr.consumers}
-        cout = {m: counts[g] for g, gr in self.groups.items() for m in gr.producers}
-        return sum(u * cin.get(m, i) * cout.get(m, o) for m, (u, i, o) in self.costs.items())
+        def width(side, m, dense):
+            return dense - sum((C - counts[g]) * k // C for g, C, k in side.get(m, ()))
+
+        return sum(u * width(self._in, m, i) * width(self._out, m, o) for m, (u, i, o) in self.costs.items())
 
 
 def select(model: nn.Module, scores: dict[str, torch.Tensor], fraction: float, input_shape=None, *,
-           residual: bool = False):
+           residual: bool = False, example_inputs=None):
     """Keep masks removing a FLOP fraction close to, and never above, ``fraction`` (global greedy).
 
     Scores are normalised per group by their mean (Molchanov et al. 2019 normalise per layer
@@ -424,21 +370,24 @@ def select(model: nn.Module, scores: dict[str, torch.Tensor], fraction: float, i
     ``residual=True``: the residual streams are candidates too (``scores`` must then hold them,
     e.g. ``l1_scores(model, residual=True)``); removing one stream channel lowers the cost of
     every producer and consumer of the stream, which the exact FLOP model accounts for.
+    ``input_shape``: one input for the FLOP count (default: the package model's, or that of
+    ``example_inputs``); ``example_inputs`` for tracing default to a zero input of ``input_shape``.
     Returns (keep, achieved_fraction).
     """
     fraction = check_fraction(fraction)
-    groups = channel_groups(model, residual=residual)
-    input_shape = DEFAULT_INPUT_SHAPES[type(model)] if input_shape is None else tuple(input_shape)
+    input_shape = _input_shape(model, input_shape, example_inputs)
+    example_inputs = example_inputs_for(model, example_inputs, input_shape)
+    groups = channel_groups(model, example_inputs, residual=residual)
     if not isinstance(scores, dict):
         raise TypeError(f"scores must be a dict group name -> tensor, got {type(scores).__name__}")
     unknown = [k for k in scores if k not in groups]
     if unknown:
         raise ValueError(f"unknown channel group name(s) {unknown}; valid groups are {list(groups)}")
-    widths = group_widths(model, residual)
+    widths = {name: gr.channels for name, gr in groups.items()}
     missing = [k for k in groups if k not in scores]
     if missing:
         raise ValueError(f"scores lack channel group(s) {missing}")
-    cost = FlopModel(model, input_shape, residual)
+    cost = FlopModel(model, input_shape, residual, example_inputs=example_inputs)
     cands = []  # (normalised score, group order, channel)
     for gi, (name, c) in enumerate(widths.items()):
         s = scores[name].detach().double().cpu().reshape(-1)
@@ -460,7 +409,7 @@ def select(model: nn.Module, scores: dict[str, torch.Tensor], fraction: float, i
             keep[name][ch] = False
         else:
             counts[name] += 1
-    achieved = 1.0 - flops(shrink(model, keep), input_shape) / cost.total
+    achieved = 1.0 - flops(shrink(model, keep, example_inputs), input_shape) / cost.total
     return keep, achieved
 
 
@@ -642,9 +591,11 @@ def group_iht(problem: Problem, groups, g, w0: torch.Tensor | None = None, *, cl
     return GroupResult(w, mask, kept, trace, it)
 
 
-def weight_groups(model: nn.Module, lay, *, residual: bool = False) -> tuple[list[torch.Tensor], list[str]]:
+def weight_groups(model: nn.Module, lay, *, residual: bool = False,
+                  example_inputs=None) -> tuple[list[torch.Tensor], list[str]]:
     """Coordinates (in the layout ``lay``) of every channel: producer row c and consumer column c
-    (for a residual stream, ``residual=True``: row c of every producer, column c of every consumer).
+    (for a residual stream, ``residual=True``: row c of every producer, column c of every consumer;
+    through the index maps: the HW columns of a flatten → Linear consumer, a depthwise filter c).
 
     Returns (index tensors, one per channel in group order, the group name of each).
     """
@@ -653,10 +604,11 @@ def weight_groups(model: nn.Module, lay, *, residual: bool = False) -> tuple[lis
         return torch.arange(lay.span(P).start, lay.span(P).stop).view(lay.shapes[lay.names.index(P)])
 
     idx, owner = [], []
-    for name, gr in channel_groups(model, residual=residual).items():
-        rows, cols = [pos(m) for m in gr.producers], [pos(m) for m in gr.consumers]
-        for c in range(rows[0].shape[0]):
-            idx.append(torch.cat([r[c].reshape(-1) for r in rows] + [q[:, c].reshape(-1) for q in cols]))
+    for name, gr in channel_groups(model, example_inputs, residual=residual).items():
+        rows, cols = {m: pos(m) for m in gr.producers}, {m: pos(m) for m in gr.consumers}
+        for c in range(gr.channels):
+            idx.append(torch.cat([r[gr.indices_of(m, c)].reshape(-1) for m, r in rows.items()]
+                                 + [q[:, gr.indices_of(m, c)].reshape(-1) for m, q in cols.items()]))
             owner.append(name)
     return idx, owner
 
@@ -716,8 +668,8 @@ class StructuredReport(ChannelReport):
 def group_chita_prune(model: nn.Module, dataset, fraction: float, *, n_grads: int, l2: float = 1e-3,
                       batch_size: int = 1, seed: int = 0, scores=None, input_shape=None,
                       max_iter: int = 100, tol: float = 1e-9, swap_rounds: int = 10,
-                      residual: bool = False) -> StructuredReport:
-    """Group-CHITA channel pruning of a ResNetCifar or MLPNet to remove ≤ ``fraction`` of the FLOPs.
+                      residual: bool = False, example_inputs=None) -> StructuredReport:
+    """Group-CHITA channel pruning of a network to remove ≤ ``fraction`` of the FLOPs.
 
     1. Channel counts per group: :func:`select` on ``scores`` (default :func:`l1_scores`), so the
        FLOP budget is met; Group-CHITA then chooses *which* channels, with one budget per group
@@ -736,15 +688,17 @@ def group_chita_prune(model: nn.Module, dataset, fraction: float, *, n_grads: in
 
     Returns a :class:`StructuredReport` whose ``model`` is ``shrink(model, keep)``: the small model
     computes the same function as the written-back ``model``. ``n`` is the deprecated old name of
-    ``n_grads``.
+    ``n_grads``. Models other than the package's need ``input_shape`` (one input, for FLOPs and
+    tracing) or ``example_inputs`` (see :func:`channel_groups`).
     """
     t0 = time.perf_counter()
     fraction = check_fraction(fraction)
-    groups = channel_groups(model, residual=residual)  # TypeError for other models
-    input_shape = DEFAULT_INPUT_SHAPES[type(model)] if input_shape is None else tuple(input_shape)
+    input_shape = _input_shape(model, input_shape, example_inputs)
+    example_inputs = example_inputs_for(model, example_inputs, input_shape)
+    groups = channel_groups(model, example_inputs, residual=residual)
     if scores is None:
-        scores = l1_scores(model, residual=residual)
-    plan, _ = select(model, scores, fraction, input_shape, residual=residual)
+        scores = l1_scores(model, residual=residual, example_inputs=example_inputs)
+    plan, _ = select(model, scores, fraction, input_shape, residual=residual, example_inputs=example_inputs)
     names = []
     for gr in groups.values():
         for pname in [f"{m}.weight" for m in gr.producers + gr.consumers]:
@@ -754,7 +708,7 @@ def group_chita_prune(model: nn.Module, dataset, fraction: float, *, n_grads: in
     lay = sample.layout
     w_bar = torch.cat([model.get_parameter(p).detach().reshape(-1) for p in lay.names]).to(sample.X)
     problem = Problem(sample.X, w_bar, l2)
-    idx, owner = weight_groups(model, lay, residual=residual)
+    idx, owner = weight_groups(model, lay, residual=residual, example_inputs=example_inputs)
     order = list(groups)
     classes = [order.index(o) for o in owner]
     budgets = [int(plan[name].sum()) for name in order]
@@ -765,7 +719,7 @@ def group_chita_prune(model: nn.Module, dataset, fraction: float, *, n_grads: in
         c = plan[name].numel()
         keep[name] = res.kept[j:j + c].clone()
         j += c
-    small = shrink(model, keep)
+    small = shrink(model, keep, example_inputs)
     f_dense, f_small = flops(model, input_shape), flops(small, input_shape)
     return StructuredReport(method="group-chita", target=fraction, achieved=1.0 - f_small / f_dense,
                             seconds={"total": time.perf_counter() - t0}, model=small, keep=keep, flops_dense=f_dense,

@@ -93,15 +93,14 @@ def _producer_inputs(model, groups, input_shape) -> dict[str, tuple]:
     return shapes
 
 
-def _pair(model, gr, width: int) -> nn.Module:
-    """producer (→ BN) → ReLU → consumer with ``width`` channels in between (weights sliced from the model)."""
+def _pair(model, gr, width: int, input_shape) -> nn.Module:
+    """producer (→ BN) → ReLU → consumer with ``width`` channels in between: the model's layers with all
+    but the first ``width`` channels removed by :func:`structured.shrink` (the model is untouched)."""
     P, Q = model.get_submodule(gr.producer), model.get_submodule(gr.consumer)
-    idx = torch.arange(width)
-    layers = [structured.smaller_layer(P, idx, torch.arange(P.weight.shape[1]))]
-    if gr.bn is not None:
-        layers.append(structured.smaller_layer(model.get_submodule(gr.bn), idx, None))
-    layers += [nn.ReLU(), structured.smaller_layer(Q, torch.arange(Q.weight.shape[0]), idx)]
-    return nn.Sequential(*layers).eval()
+    layers = [P] + ([model.get_submodule(gr.bn)] if gr.bn is not None else []) + [nn.ReLU(), Q]
+    keep = {"0": torch.arange(P.weight.shape[0]) < width}  # group "0": the channels between P and Q
+    x = torch.zeros(1, *input_shape, dtype=P.weight.dtype, device=P.weight.device)
+    return structured.shrink(nn.Sequential(*layers), keep, x).eval()
 
 
 def channel_costs(model: nn.Module, kind: str = "flops", input_shape=None, *, batch_size: int = 32,
@@ -144,7 +143,8 @@ def channel_costs(model: nn.Module, kind: str = "flops", input_shape=None, *, ba
         for g, gr in groups.items():
             C = model.get_submodule(gr.producer).weight.shape[0]
             ws = sorted({max(1, round(C * (k + 1) / widths)) for k in range(widths)})
-            ms = [_latency(_pair(model, gr, w).to(dev), shapes[gr.producer], batch_size=batch_size,
+            shape = shapes[gr.producer]
+            ms = [_latency(_pair(model, gr, w, shape).to(dev), shape, batch_size=batch_size,
                            repeats=repeats, warmup=warmup, device=dev, seed=seed).median_ms for w in ws]
             if len(ws) == 1:  # a group of one channel: the time of that channel
                 out[g] = max(ms[0], 0.0)
