@@ -83,6 +83,7 @@ from chita_minimal.models.mlpnet import MLPNet
 from chita_minimal.models.mobilenet import MobileNetV1
 from chita_minimal.models.resnet50 import ResNet50
 from chita_minimal.models.resnet_cifar import ResNetCifar
+from chita_minimal.structure.heads import HeadAttention
 from chita_minimal.network import samples
 
 #: One input (without the batch dimension) of the package's models, used when no example input is given.
@@ -305,6 +306,12 @@ def _output_layers(dg, out_grad_fns) -> set:
     return found
 
 
+def _attention_inner(model: nn.Module) -> set:
+    """The q/k/v projections of every :class:`chita_minimal.structure.heads.HeadAttention`: the attention's inner
+    width is cut into heads, so it is removed a whole head at a time (``structure.heads``), never channel-wise."""
+    return {getattr(m, a) for m in model.modules() if isinstance(m, HeadAttention) for a in ("q", "k", "v")}
+
+
 def is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, _CONVS) and m.groups == m.in_channels == m.out_channels and m.groups > 1
 
@@ -355,7 +362,7 @@ class _Graph:
         self.params = {p: n for n, p in model.named_parameters()}
         depth = _depths(self.dg)
         self.key = {m: (depth[node], call.get(m, len(call))) for m, node in self.dg.module2node.items()}
-        skip = _output_layers(self.dg, outs) | {model.get_submodule(n) for n in ignored}
+        skip = _output_layers(self.dg, outs) | {model.get_submodule(n) for n in ignored} | _attention_inner(model)
         found = []
         for tpg in self.dg.get_all_groups(ignored_layers=list(skip), root_module_types=(nn.Linear, *_CONVS)):
             gr = self._group(tpg)

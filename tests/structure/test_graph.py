@@ -375,3 +375,29 @@ def test_bad_inputs():
         channel_groups(model, x)["stem.0"].producer
     with pytest.raises(ValueError, match="non-identity"):
         channel_groups(model, x)["side"].consumer
+
+
+def test_attention_inner_width_is_not_a_channel_group_but_heads_and_ffn_shrink_exactly():
+    """After split_attention the q/k/v/out width is cut into heads: no channel group for it (heads go whole,
+    through structure.heads), while the feed-forward neurons are groups; removing zeroed heads and neurons
+    keeps the function."""
+    from chita_minimal.structure import channels, heads
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Flatten(), nn.Linear(16 * 5, 3))
+    model.eval()
+    split = heads.split_attention(model)
+    x = torch.randn(4, 5, 16)
+    groups = channels.channel_groups(split, example_inputs=x)
+    assert sorted(groups) == ["0.layers.0.linear1", "0.layers.1.linear1"]
+    keep_h = {name: torch.tensor([True, False, True, True]) for name in heads.head_groups(split)}
+    keep_c = {name: torch.arange(32) % 3 != 0 for name in groups}
+    with torch.no_grad():
+        for name in keep_h:  # zero what goes: head 1's out columns, the dropped neurons' linear2 columns
+            split.get_submodule(name).out.weight[:, 4:8] = 0
+        for name in keep_c:
+            split.get_submodule(name.replace("linear1", "linear2")).weight[:, ~keep_c[name]] = 0
+        small = channels.shrink(heads.remove_heads(split, keep_h), keep_c, example_inputs=x)
+        assert (split(x) - small(x)).abs().max() < 1e-5
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in split.parameters())
