@@ -385,7 +385,8 @@ def test_attention_inner_width_is_not_a_channel_group_but_heads_and_ffn_shrink_e
 
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
-    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Flatten(), nn.Linear(16 * 5, 3))
+    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Flatten(),
+                          nn.Linear(16 * 5, 3))
     model.eval()
     split = heads.split_attention(model)
     x = torch.randn(4, 5, 16)
