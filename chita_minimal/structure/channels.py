@@ -265,12 +265,13 @@ def _sample_inputs(model, dataset, example_inputs):
 
 
 def _channel_products(model, dataset, n_grads, batch_size, seed, residual=False,
-                      example_inputs=None) -> dict[str, torch.Tensor]:
+                      example_inputs=None, loss_fn=None, output_fn=None) -> dict[str, torch.Tensor]:
     """z_ic = Σ_P g_i^P · w^P_c: gradient row i dotted with filter c of every producer P of the
     group (one for inner groups, all of a stream's), per group, shape (n_grads, channels)."""
     groups = channel_groups(model, _sample_inputs(model, dataset, example_inputs), residual=residual)
     names = [f"{p}.weight" for gr in groups.values() for p in gr.producers]
-    s = fisher.gradients(model, dataset, n_grads, batch_size=batch_size, names=names, seed=seed, progress=False)
+    s = fisher.gradients(model, dataset, n_grads, batch_size=batch_size, names=names, seed=seed, progress=False,
+                         loss_fn=loss_fn, output_fn=output_fn)
     out = {}
     for gname, gr in groups.items():
         z = 0
@@ -285,7 +286,8 @@ def _channel_products(model, dataset, n_grads, batch_size, seed, residual=False,
 
 @renamed(n="n_grads")
 def taylor_scores(model: nn.Module, dataset, n_grads: int, *, batch_size: int = 1, seed: int = 0,
-                  residual: bool = False, example_inputs=None) -> dict[str, torch.Tensor]:
+                  residual: bool = False, example_inputs=None, loss_fn=None,
+                  output_fn=None) -> dict[str, torch.Tensor]:
     """First-order Taylor importance (Molchanov et al., CVPR 2019): I_c = (1/n) Σ_i (g_i · w_c)².
 
     g_i = gradient of the loss of mini-batch i (per-sample with ``batch_size=1``) w.r.t. the
@@ -299,10 +301,12 @@ def taylor_scores(model: nn.Module, dataset, n_grads: int, *, batch_size: int = 
     derivative w.r.t. a gate m_c (at 1) scaling channel c at the output of all producer convs.
     The same holds for any group with several producers (a MobileNet group: the pointwise and
     the depthwise filter c). ``example_inputs``: as for :func:`channel_groups`; for models
-    without a default, the dataset's first input is used.
+    without a default, the dataset's first input is used. ``dataset``, ``loss_fn``, ``output_fn``: as for
+    :func:`chita_minimal.prune` (a dataset, a DataLoader or batches; the loss of the model's output).
     """
-    return {k: (z ** 2).mean(0)
-            for k, z in _channel_products(model, dataset, n_grads, batch_size, seed, residual, example_inputs).items()}
+    products = _channel_products(model, dataset, n_grads, batch_size, seed, residual, example_inputs, loss_fn,
+                                 output_fn)
+    return {k: (z ** 2).mean(0) for k, z in products.items()}
 
 
 @renamed(n="n_grads")

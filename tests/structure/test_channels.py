@@ -257,3 +257,21 @@ def test_bad_inputs():
         shrink(model, {"fc1": torch.zeros(40, dtype=torch.bool)})
     with pytest.raises(ValueError, match="shape"):
         shrink(model, {"fc1": torch.ones(39, dtype=torch.bool)})
+
+
+def test_taylor_scores_take_a_loader_a_loss_and_dict_outputs():
+    class DictMLP(MLPNet):
+        def forward(self, x):
+            return {"logits": super().forward(x)}
+
+    torch.manual_seed(0)
+    model, data = DictMLP(), _data(n=16)
+    plain = MLPNet()
+    plain.load_state_dict(model.state_dict())
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    ref = taylor_scores(plain, data, 16)
+    got = taylor_scores(model, loader, 16)  # the loader's dataset, the "logits" entry, cross-entropy
+    assert all(torch.allclose(ref[k], got[k], rtol=1e-5, atol=1e-9) for k in ref)
+    smooth = taylor_scores(model, loader, 16, loss_fn=lambda out, y: nn.functional.cross_entropy(
+        out, y, label_smoothing=0.2))
+    assert not all(torch.allclose(ref[k], smooth[k]) for k in ref)
