@@ -44,6 +44,8 @@ SCHEDULES = {
 }
 RECIPE = dict(sparsity=0.9, lr=0.1, lr_end=0.0, batch_size=256, momentum=0.9, weight_decay=5e-4,
               n_grads=1000, l2=1e-3, block_size=500, schedule="poly", base=0.5)
+QUICK_N_GRADS = 64  # --quick: gradient rows per CHITA step (the rest of the recipe as above)
+QUICK_IMAGES = 512  # --quick: training and test images
 METHODS = [  # label, pruning method, gradual?
     ("CHITA gradual", "chita-block", True),
     ("MP gradual", "mp", True),
@@ -57,21 +59,21 @@ def total_epochs(plan) -> int:
     return stages * epochs + final
 
 
-def run_method(label, method, gradual, plan, train, test, device, checkpoints, seed=0):
+def run_method(label, method, gradual, plan, train, test, device, checkpoints, seed=0, recipe=RECIPE):
     """One method of the comparison: returns its summary row and its per-stage history."""
     stages, epochs, final = plan
     model = cm.models.load_pretrained("resnet20", device=device)
     if not gradual:  # one shot to the final sparsity, then as many epochs as the gradual runs
         stages, epochs, final = 1, total_epochs(plan), 0
     t0 = time.perf_counter()
-    res = cm.gradual(model, train, RECIPE["sparsity"], method=method, stages=stages, schedule=RECIPE["schedule"],
-                     base=RECIPE["base"], epochs_per_stage=epochs, final_epochs=final, lr=RECIPE["lr"],
-                     lr_end=RECIPE["lr_end"], batch_size=RECIPE["batch_size"], momentum=RECIPE["momentum"],
-                     weight_decay=RECIPE["weight_decay"], augment=cifar_augment, n_grads=RECIPE["n_grads"],
-                     l2=RECIPE["l2"], prune_options=None if method == "mp" else {"block_size": RECIPE["block_size"]},
+    res = cm.gradual(model, train, recipe["sparsity"], method=method, stages=stages, schedule=recipe["schedule"],
+                     base=recipe["base"], epochs_per_stage=epochs, final_epochs=final, lr=recipe["lr"],
+                     lr_end=recipe["lr_end"], batch_size=recipe["batch_size"], momentum=recipe["momentum"],
+                     weight_decay=recipe["weight_decay"], augment=cifar_augment, n_grads=recipe["n_grads"],
+                     l2=recipe["l2"], prune_options=None if method == "mp" else {"block_size": recipe["block_size"]},
                      eval_data=test, checkpoint=checkpoints / label.replace(" ", "_").replace("+", ""), seed=seed,
                      progress=False)
-    row = dict(network="resnet20", method=label, sparsity=RECIPE["sparsity"], epochs=total_epochs(plan),
+    row = dict(network="resnet20", method=label, sparsity=recipe["sparsity"], epochs=total_epochs(plan),
                accuracy=round(res.final_accuracy, 2), achieved_sparsity=round(res.achieved, 4),
                seconds=round(time.perf_counter() - t0, 1))
     history = [dict(method=label, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()
@@ -79,19 +81,19 @@ def run_method(label, method, gradual, plan, train, test, device, checkpoints, s
     return row, history
 
 
-def seconds_per_epoch(train, device, steps: int = 12) -> float:
+def seconds_per_epoch(train, device, steps: int = 12, recipe=RECIPE) -> float:
     """Time ``steps`` SGD steps (after a warm-up of the same size) and scale to one epoch of ``train``."""
     model = cm.models.load_pretrained("resnet20", device=device)
-    n = min(len(train), steps * RECIPE["batch_size"])
+    n = min(len(train), steps * recipe["batch_size"])
     part = TensorDataset(train.tensors[0][:n], train.tensors[1][:n])
-    kw = dict(lr=0.01, batch_size=RECIPE["batch_size"], augment=cifar_augment, progress=False)
+    kw = dict(lr=0.01, batch_size=recipe["batch_size"], augment=cifar_augment, progress=False)
     cm.train_epochs(model, part, 1, **kw)  # warm-up (kernel selection, allocator)
     return cm.network.measure.measure(cm.train_epochs, model, part, 1, device=device, **kw).seconds * len(train) / n
 
 
-def seconds_per_prune(train, device) -> float:
+def seconds_per_prune(train, device, recipe=RECIPE) -> float:
     """Time one CHITA block-backsolve pruning step of the dense network (the warm one of two)."""
-    kw = dict(n_grads=RECIPE["n_grads"], l2=RECIPE["l2"], block_size=RECIPE["block_size"], seed=0)
+    kw = dict(n_grads=recipe["n_grads"], l2=recipe["l2"], block_size=recipe["block_size"], seed=0)
     for _ in range(2):
         model = cm.models.load_pretrained("resnet20", device=device)
         timed = cm.network.measure.measure(cm.prune, model, train, 0.5, "chita-block", device=device, **kw)
@@ -122,7 +124,8 @@ def main(argv=None) -> None:
                     help="folder for the per-stage checkpoints (a rerun resumes from them)")
     ap.add_argument("--budget", type=float, default=7200.0, help="seconds this run may take (chooses the schedule)")
     ap.add_argument("--schedule", choices=sorted(SCHEDULES), default=None, help="fix the schedule instead")
-    ap.add_argument("--quick", action="store_true", help="1,000 training and test images, the 'quick' schedule")
+    ap.add_argument("--quick", action="store_true",
+                    help="512 training and test images, the 'quick' schedule, 64 gradients per CHITA step")
     ap.add_argument("--seed", type=int, default=0, help="seed of the pruning steps' samples and of the batches")
     args = ap.parse_args(argv)
 
@@ -132,9 +135,10 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "gradual_resnet20" + ("_quick" if args.quick else "")
+    recipe = dict(RECIPE, n_grads=QUICK_N_GRADS) if args.quick else RECIPE
     train, test = cm.data.load("cifar10", "train"), cm.data.load("cifar10", "test")
     if args.quick:
-        train, test = cm.data.subset(train, 1000, seed=0), cm.data.subset(test, 1000, seed=0)
+        train, test = cm.data.subset(train, QUICK_IMAGES, seed=0), cm.data.subset(test, QUICK_IMAGES, seed=0)
     if device.type == "cuda":  # the whole data set fits on the GPU: batches are gathered there
         train = TensorDataset(*(t.to(device) for t in train.tensors))
         test = TensorDataset(*(t.to(device) for t in test.tensors))
@@ -142,8 +146,8 @@ def main(argv=None) -> None:
     dense_model = cm.models.load_pretrained("resnet20", device=device)
     dense = 100 * cm.evaluate(dense_model, test)  # also the warm-up of the timing below
     eval_s = cm.network.measure.measure(cm.evaluate, dense_model, test, device=device).seconds
-    epoch_s = seconds_per_epoch(train, device)
-    prune_s = seconds_per_prune(train, device)
+    epoch_s = seconds_per_epoch(train, device, recipe=recipe)
+    prune_s = seconds_per_prune(train, device, recipe=recipe)
     spent = time.perf_counter() - t_start
     need = {name: sum(estimate(plan, epoch_s, prune_s, eval_s, g, m != "mp") for _, m, g in METHODS[:2])
             for name, plan in SCHEDULES.items()}
@@ -165,7 +169,7 @@ def main(argv=None) -> None:
                 matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
                 train_images=len(train), test_images=len(test), dense_accuracy=round(dense, 2),
                 schedule=name, stages=plan[0], epochs_per_stage=plan[1], final_epochs=plan[2],
-                total_epochs=total_epochs(plan), recipe=RECIPE, seconds_per_epoch=round(epoch_s, 2),
+                total_epochs=total_epochs(plan), recipe=recipe, seconds_per_epoch=round(epoch_s, 2),
                 seconds_per_chita_step=round(prune_s, 2), seconds_per_eval=round(eval_s, 3), budget=args.budget,
                 seed=args.seed)
     rows, history = [], []
@@ -176,7 +180,7 @@ def main(argv=None) -> None:
             print(f"skipped {label}: about {guess:.0f} s needed, {left:.0f} s left", flush=True)
             continue
         row, hist = run_method(label, method, gradual, plan, train, test, device,
-                               Path(args.checkpoints) / f"{name}_seed{args.seed}", seed=args.seed)
+                               Path(args.checkpoints) / f"{name}_seed{args.seed}", seed=args.seed, recipe=recipe)
         row.update(dense=round(dense, 2), seed=args.seed)
         rows.append(row)
         history += hist

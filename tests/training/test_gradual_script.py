@@ -49,4 +49,4 @@ def test_quick_run_writes_the_comparison(tmp_path):
     sparsities = [float(h["sparsity"]) for h in history if h["method"] == "CHITA gradual"]
     assert sparsities == sorted(sparsities) and sparsities[0] == pytest.approx(script.RECIPE["base"])
     meta = json.loads((tmp_path / "gradual_resnet20_quick.json").read_text())
-    assert meta["schedule"] == "quick" and meta["train_images"] == 1000 and meta["recipe"] == script.RECIPE
+    assert meta["schedule"] == "quick" and meta["train_images"] == script.QUICK_IMAGES and meta["recipe"] == dict(script.RECIPE, n_grads=script.QUICK_N_GRADS)
