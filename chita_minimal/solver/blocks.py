@@ -331,15 +331,14 @@ def block_matvecs(X: torch.Tensor, u: torch.Tensor, parts: list[torch.Tensor]) -
 
 def contiguous_spans(parts: list[torch.Tensor]) -> list[tuple[int, int]] | None:
     """[(start, width)] when the blocks are consecutive ranges 0…p−1 in order (per-layer blocks), else None."""
+    order = torch.cat(parts)  # consecutive ranges in order iff their concatenation is 0…p−1: one comparison
+    if any(b.numel() == 0 for b in parts) or not torch.equal(order, torch.arange(order.numel(), device=order.device)):
+        return None
     spans, start = [], 0
     for b in parts:
-        width = b.numel()
-        if width == 0 or int(b[0]) != start or int(b[-1]) != start + width - 1:
-            return None
-        spans.append((start, width))
-        start += width
-    order = torch.cat(parts)
-    return spans if torch.equal(order, torch.arange(start, device=order.device)) else None
+        spans.append((start, b.numel()))
+        start += b.numel()
+    return spans
 
 
 def padded_width(s: torch.Tensor) -> torch.Tensor:
