@@ -23,7 +23,6 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import chita_minimal as cm
@@ -39,11 +38,14 @@ PARTS = {"matvec": ["matvec", "matvec_cols"], "rmatvec": ["rmatvec"], "top-k": [
 
 
 def seconds(fn, repeats=1):
-    """Smallest wall time of ``repeats`` calls (the last result is returned too)."""
+    """Smallest wall time of ``repeats`` calls (the last result is returned too), synchronised on a GPU."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     best, out = float("inf"), None
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         out = fn()
+        sync()
         best = min(best, time.perf_counter() - t0)
     return best, out
 
