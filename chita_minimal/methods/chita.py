@@ -67,9 +67,12 @@ class Chita(ChitaSolve):
     swap_candidates: int = 50
     polish: bool = True
     refit: int | None = None
+    fast: bool = False
 
     def check(self):
         _check_iterations(self.max_iter, self.tol)
+        if not isinstance(self.fast, bool):
+            raise TypeError(f"fast must be True or False, got {self.fast!r}")
 
     def working_bytes(self, n, p, k, itemsize):
         # the active set's restricted copy of X (up to expand·k columns) on top of the ridge solve
@@ -78,7 +81,7 @@ class Chita(ChitaSolve):
     def solver_options(self, stage):
         return dict(expand=self.expand, max_rounds=self.max_rounds, max_iter=self.max_iter, tol=self.tol,
                     max_halvings=self.max_halvings, swap_candidates=self.swap_candidates, polish=self.polish,
-                    refit=self.refit)
+                    refit=self.refit, fast=self.fast)
 
 
 @register

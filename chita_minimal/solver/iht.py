@@ -91,7 +91,7 @@ def _threshold_step(problem: Problem, w, r, g, Xd, d, tau, k, pattern=None):
     return w_new, mask, r_new
 
 
-def line_search_step(problem: Problem, w, r, f, k, tol, cg=None, pattern=None):
+def line_search_step(problem: Problem, w, r, f, k, tol, cg=None, pattern=None, g=None):
     """One IHT iteration with the step size of Alg 2. Returns (w, support, r, f).
 
     τ* = ‖d_S‖²/(‖X_S d_S‖² + 2λ‖d_S‖²) is the exact minimiser along d = −∇f on the
@@ -104,11 +104,13 @@ def line_search_step(problem: Problem, w, r, f, k, tol, cg=None, pattern=None):
     progress (relative decrease < tol, i.e. w is optimal on S), the steps τ_c·2^j,
     j = 0…5, are tried with thresholding, doubling while f decreases; if none lowers
     f, the safe step 1/L is tried. f never increases. ``pattern``: an N:M constraint
-    (k = pattern.k; "full support" then means N nonzeros in every group).
+    (k = pattern.k; "full support" then means N nonzeros in every group). ``g``: ∇f(w) when the
+    caller has it already.
     """
     support = w != 0
     full_support = int(support.sum()) >= k
-    g = problem.gradient(w, r)
+    if g is None:
+        g = problem.gradient(w, r)
     d = torch.where(support, -g, torch.zeros_like(g))  # descent direction on S
     dd = float(torch.dot(d, d))
     Xd = problem.matvec(d)

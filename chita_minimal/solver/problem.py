@@ -145,8 +145,53 @@ class Problem:
         return r.view(1, -1)
 
     def ridge(self, support: torch.Tensor) -> torch.Tensor:
-        """argmin of (P) with w = 0 outside ``support`` (Alg 5's restricted solve)."""
-        return ridge_on_support(self, support)
+        """argmin of (P) with w = 0 outside ``support`` (Alg 5's restricted solve). The last solve is kept: asked
+        again for the same support (a refit, then the final polish), it is not solved twice."""
+        last = getattr(self, "_last_ridge", None)
+        if last is None or not torch.equal(last[0], support):
+            w = self._ridge_by_gram_updates(support) if self.gram_updates else None
+            last = self._last_ridge = (support.clone(), ridge_on_support(self, support) if w is None else w)
+        return last[1].clone()
+
+    # Set by the active set's fast mode on its restricted problems: successive exact solves on supports that
+    # differ in a few coordinates update the n×n Gram of the Woodbury form instead of forming it again.
+    gram_updates = False
+
+    def _ridge_by_gram_updates(self, support: torch.Tensor) -> torch.Tensor | None:
+        """The Woodbury solve of :func:`ridge_on_support` with K = X_S X_Sᵀ kept (fp64) between calls and
+        updated by the columns that entered and left S (K += X_in X_inᵀ − X_out X_outᵀ) when they are at most a
+        quarter of S. r₀ and X_Sᵀz come from one product with X each, no gather of X_S. None where the Woodbury
+        form does not apply (|S| ≤ n, or α with λ = 0)."""
+        s, lam2 = int(support.sum()), 2.0 * self.lam
+        if s <= self.n or lam2 == 0:
+            return None
+        cached = getattr(self, "_gram", None)
+        K = None
+        if cached is not None:
+            into = torch.nonzero(support & ~cached[0]).squeeze(1)
+            out = torch.nonzero(cached[0] & ~support).squeeze(1)
+            if into.numel() + out.numel() <= s // 4:
+                K = cached[1]
+                for cols, sign in ((into, 1.0), (out, -1.0)):
+                    if cols.numel():
+                        C = self.X.index_select(1, cols).double()
+                        K.addmm_(C, C.T, alpha=sign)
+        if K is None:
+            XS = self.X.index_select(1, torch.nonzero(support).squeeze(1))
+            K = (XS @ XS.T).double()
+        self._gram = (support.clone(), K)
+        zero = torch.zeros_like(self.w_bar)
+        w_bar_S = torch.where(support, self.w_bar, zero)
+        rhs = (self.y - self.matvec(w_bar_S)).double()
+        if self.alpha is not None:
+            rhs += self.matvec(torch.where(support, self.alpha, zero)).double() / lam2
+        A = K.clone()
+        A.diagonal().add_(lam2)
+        z = spd_solve(A, rhs).to(self.X.dtype)
+        delta = self.rmatvec(z)
+        if self.alpha is not None:
+            delta -= self.alpha / lam2
+        return torch.where(support, self.w_bar + delta, zero)
 
     # -- the quadratic -----------------------------------------------------------------
     def residual(self, w: torch.Tensor) -> torch.Tensor:
@@ -173,22 +218,33 @@ class Problem:
             g += self.alpha
         return g
 
-    def lipschitz(self, iters: int = 30, seed: int = 0) -> float:
+    def lipschitz(self, iters: int = 30, seed: int = 0, *, start: torch.Tensor | None = None,
+                  rtol: float = 0.0) -> float:
         """L = σ_max(X)² + 2λ by power iteration on XᵀX (never formed); cached.
 
         Returns 1.05·L, the safety margin of the reference code, so 1/L is a safe step.
+        ``start``: the first vector (default: a seeded random one), e.g. the top singular vector of
+        a problem on fewer columns (the active set's previous round, :attr:`power_vector`), from
+        which few iterations are needed; ``rtol``: stop early once the estimate changes by less
+        than this fraction between two iterations (0: always ``iters`` iterations).
         """
         if self._lipschitz is None:
-            gen = torch.Generator(device="cpu").manual_seed(seed)
-            v = torch.randn(self.p, generator=gen, dtype=torch.float64).to(self.w_bar)
+            if start is None:
+                gen = torch.Generator(device="cpu").manual_seed(seed)
+                v = torch.randn(self.p, generator=gen, dtype=torch.float64).to(self.w_bar)
+            else:
+                v = start.to(self.w_bar).clone()
             v /= v.norm()
             sigma2 = 0.0
             for _ in range(iters):
                 u = self.rmatvec(self.matvec(v))
-                sigma2 = float(u.norm())
+                previous, sigma2 = sigma2, float(u.norm())
                 if sigma2 == 0.0:
                     break
                 v = u / sigma2
+                if rtol and abs(sigma2 - previous) <= rtol * sigma2:
+                    break
+            self.power_vector = v  # the top right singular vector of X, as far as it converged
             self._lipschitz = 1.05 * (sigma2 + 2.0 * self.lam)
         return self._lipschitz
 
@@ -202,7 +258,7 @@ class Problem:
         """
         offset = self.offset + ridge_outside(self.w_bar, idx, self.lam)
         alpha = None if self.alpha is None else self.alpha[idx]
-        return Problem(self.X[:, idx], self.w_bar[idx], self.l2, alpha, y=self.y, offset=offset)
+        return Problem(self.X.index_select(1, idx), self.w_bar[idx], self.l2, alpha, y=self.y, offset=offset)
 
     def __repr__(self) -> str:
         return (f"Problem(n={self.n}, p={self.p}, l2={self.l2:g}, alpha={'yes' if self.alpha is not None else 'no'}, "
