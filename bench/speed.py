@@ -5,12 +5,15 @@ first-order method does per iteration), measured in the same process just before
 written plainly in numpy in the same process, so that a reader can check the ratios on their own machine:
 
   active_set   MLPNet (shared checkpoint), n = 1000 per-sample gradients, fp32, l2 = 1e-3 and 0.1,
-               sparsity 0.5 … 0.98: the package's active set (Alg 4) against ``cm.solver.reference.iht`` (IHT with a
+               sparsity 0.5 … 0.98: the package's active set (Alg 4; rows active_set_fast: ``fast=True``) against ``cm.solver.reference.iht`` (IHT with a
                backtracking line search on the step, the textbook form of Alg 3, same tolerance, ≤ 300 iterations)
   block        ResNet20 (shared checkpoint), n = 1000, blocks of 500 per layer, sparsity 0.7 / 0.8 / 0.9: the
                block backsolve of Alg 6 on a fixed support against ``cm.solver.reference.block_backsolve``
                (one ridge solve per block in a Python loop)
+  iteration    one line-search IHT iteration (MLPNet, ResNet20, sparsity 0.9) in bare passes: the sequential line
+               search against the sync-free one (``iht(..., sync_free=True)``, no host read in the loop)
   profile      where the active set's time goes at 0.9 (cProfile, cumulative; parts nest), in bare passes
+               (profile_fast: with ``fast=True``)
 
 Columns: seconds (ours), passes (ours / bare pass), reference_seconds, speedup (reference / ours), objective
 and reference_objective (f of problem (P); lower is better). CSV: data/bench/speed.csv.
@@ -30,7 +33,8 @@ from _common import write_table
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = {"matvec": ["matvec", "matvec_cols"], "rmatvec": ["rmatvec"], "top-k": ["hard_threshold"],
-         "line search": ["line_search_step"], "restrict": ["restrict"], "ridge": ["ridge_on_support"],
+         "line search": ["line_search_step"], "halvings": ["_halving_step"], "restrict": ["restrict"],
+         "ridge": ["ridge_on_support", "_ridge_by_gram_updates"],
          "lipschitz": ["lipschitz"], "swap": ["_best_swap"]}
 
 
@@ -82,23 +86,26 @@ def main():
         for s in sparsities:
             k = cm.num_kept(s, lay.p)
             bare = cm.network.measure.bare_pass(X)
-            ours, res = seconds(lambda: cm.solve(X, w_bar, k, l2=l2, method="active"))
             ref, (w_ref, f_ref, it_ref) = seconds(lambda: cm.solver.reference.iht(Xn, wn, k, l2, max_iter=300))
-            emit(what="active_set", net="mlpnet", n=args.n, p=lay.p, sparsity=s, l2=l2, seconds=round(ours, 3),
-                 bare_pass=round(bare, 5), passes=round(ours / bare, 1), iterations=res.iterations,
-                 reference="numpy IHT + line search", reference_seconds=round(ref, 3),
-                 reference_iterations=it_ref, speedup=round(ref / ours, 2), objective=f"{res.objective:.6g}",
-                 reference_objective=f"{f_ref:.6g}")
+            for what, fast in (("active_set", False), ("active_set_fast", True)):
+                ours, res = seconds(lambda: cm.solve(X, w_bar, k, l2=l2, method="active", fast=fast))
+                emit(what=what, net="mlpnet", n=args.n, p=lay.p, sparsity=s, l2=l2, seconds=round(ours, 3),
+                     bare_pass=round(bare, 5), passes=round(ours / bare, 1), iterations=res.iterations,
+                     reference="numpy IHT + line search", reference_seconds=round(ref, 3),
+                     reference_iterations=it_ref, speedup=round(ref / ours, 2), objective=f"{res.objective:.6g}",
+                     reference_objective=f"{f_ref:.6g}")
 
     # -- where the active set's passes go ----------------------------------------------------------
     k = cm.num_kept(0.9, lay.p)
     bare = cm.network.measure.bare_pass(X)
-    res, total, parts = cm.network.measure.profile(cm.solve, X, w_bar, k, l2=1e-3, method="active",
-                                                   functions=PARTS)
-    for part, sec in parts.items():
-        emit(what="profile", net="mlpnet", n=args.n, p=lay.p, sparsity=0.9, l2=1e-3, seconds=round(sec, 3),
-             bare_pass=round(bare, 5), passes=round(sec / bare, 1), iterations=res.iterations,
-             reference=f"{part} ({100 * sec / total:.0f} % of {total:.2f} s profiled)")
+    for what, fast in (("profile", False), ("profile_fast", True)):
+        res, total, parts = cm.network.measure.profile(cm.solve, X, w_bar, k, l2=1e-3, method="active", fast=fast,
+                                                       functions=PARTS)
+        for part, sec in parts.items():
+            emit(what=what, net="mlpnet", n=args.n, p=lay.p, sparsity=0.9, l2=1e-3, seconds=round(sec, 3),
+                 bare_pass=round(bare, 5), passes=round(sec / bare, 1), iterations=res.iterations,
+                 reference=f"{part} ({100 * sec / total:.0f} % of {total:.2f} s profiled)")
+    per_iteration("mlpnet", X, w_bar, lay, emit, args.n)
     del X, Xn
 
     # -- the block backsolve on ResNet20 -----------------------------------------------------------
@@ -127,7 +134,24 @@ def main():
              reference_iterations=1, speedup=round(ref / ours, 2),
              objective=f"{block_objective(w):.6g}",
              reference_objective=f"{block_objective(torch.from_numpy(w_ref).to(device)):.6g}")
+    per_iteration("resnet20", X, w_bar, lay, emit, args.n)
     write_table(rows, args.out, device.type)
+
+
+def per_iteration(net, X, w_bar, lay, emit, n, iterations=40):
+    """One line-search IHT iteration in bare passes: the sequential line search (host reads per trial) against
+    the sync-free one (every candidate at once, no host read in the loop; one more product with X), at 0.9."""
+    k = cm.num_kept(0.9, lay.p)
+    problem = cm.solver.problem.Problem(X, w_bar, 1e-3)
+    problem.lipschitz()  # outside the timing: both use the cached value
+    bare = cm.network.measure.bare_pass(X)
+    for what, sync_free in (("iteration", False), ("iteration_sync_free", True)):
+        sec, out = seconds(lambda: cm.solver.iht.iht(problem, k, max_iter=iterations, tol=0.0, sync_free=sync_free),
+                           repeats=2)
+        emit(what=what, net=net, n=n, p=lay.p, sparsity=0.9, l2=1e-3, seconds=round(sec / out[3], 5),
+             bare_pass=round(bare, 5), passes=round(sec / out[3] / bare, 2), iterations=out[3],
+             reference=f"line-search IHT, {'sync-free' if sync_free else 'sequential'}, seconds per iteration",
+             objective=f"{out[2][-1]:.6g}")
 
 
 if __name__ == "__main__":

@@ -68,11 +68,15 @@ class Chita(ChitaSolve):
     polish: bool = True
     refit: int | None = None
     fast: bool = False
+    sync_free: bool = False
 
     def check(self):
         _check_iterations(self.max_iter, self.tol)
-        if not isinstance(self.fast, bool):
-            raise TypeError(f"fast must be True or False, got {self.fast!r}")
+        for name in ("fast", "sync_free"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.fast and self.sync_free:
+            raise ValueError("fast=True and sync_free=True cannot be combined (fast's refits read the support)")
 
     def working_bytes(self, n, p, k, itemsize):
         # the active set's restricted copy of X (up to expand·k columns) on top of the ridge solve
@@ -81,7 +85,7 @@ class Chita(ChitaSolve):
     def solver_options(self, stage):
         return dict(expand=self.expand, max_rounds=self.max_rounds, max_iter=self.max_iter, tol=self.tol,
                     max_halvings=self.max_halvings, swap_candidates=self.swap_candidates, polish=self.polish,
-                    refit=self.refit, fast=self.fast)
+                    refit=self.refit, fast=self.fast, sync_free=self.sync_free)
 
 
 @register
@@ -96,12 +100,15 @@ class ChitaIHT(ChitaSolve):
     max_iter: int = 500
     tol: float = 1e-7
     refit: int | None = None
+    sync_free: bool = False
 
     def check(self):
         _check_iterations(self.max_iter, self.tol)
+        if not isinstance(self.sync_free, bool):
+            raise TypeError(f"sync_free must be True or False, got {self.sync_free!r}")
 
     def solver_options(self, stage):
-        return dict(max_iter=self.max_iter, tol=self.tol, refit=self.refit)
+        return dict(max_iter=self.max_iter, tol=self.tol, refit=self.refit, sync_free=self.sync_free)
 
 
 @register

@@ -18,7 +18,7 @@ from chita_minimal.solver.problem import Problem
 
 def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_rounds: int = 10, max_iter: int = 500,
                tol: float = 1e-7, max_halvings: int = 10, swap_candidates: int = 50, polish: bool = True,
-               pattern=None, refit: int | None = None, fast: bool = False):
+               pattern=None, refit: int | None = None, fast: bool = False, sync_free: bool = False):
     """Alg 4. Returns (w, support, trace, iterations).
 
     1. A = support of one IHT step from w̄, kept at ⌈expand·k⌉ coordinates.
@@ -55,6 +55,10 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
     (measured on MLPNet, n = 1000, sparsity 0.5…0.98, l2 1e-3 and 0.1: objective 0.989–1.0003× the
     default's; 1.3–4× fewer bare passes, ``bench/speed.py``).
 
+    ``sync_free``: step 2's IHT with the line search decided on the device (no host read per iteration;
+    :mod:`chita_minimal.solver.iht_sync_free`), for GPUs; not with ``fast`` (whose refits read the support) or
+    a pattern.
+
     With an N:M ``pattern`` (k = pattern.k or None) every group must keep N coordinates, so A
     cannot be a union of whole groups (that would be all of them): A holds ⌈expand·N⌉ (≤ M)
     coordinates of every group at the start and grows by coordinates; the restricted problem on A
@@ -73,6 +77,8 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
         k = pattern.check_k(k)
         active = pattern.keep_top(u, min(pattern.m, math.ceil(expand * pattern.n)))
     w, _ = project(problem.w_bar * active, k, pattern)  # only w[A] is used below
+    if sync_free and (fast or pattern is not None):
+        raise ValueError("sync_free=True cannot be combined with fast=True or an N:M pattern")
     if fast and refit is None:
         refit = _FAST_REFIT
     rtol = _POWER_RTOL if fast else 0.0
@@ -89,7 +95,7 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
                 sub_vector = sub.power_vector
             sub_pattern = None if pattern is None else pattern.restrict(idx)
         w_sub, _, sub_trace, it = iht(sub, k, w[idx], line_search=True, max_iter=max_iter, tol=tol,
-                                      pattern=sub_pattern, refit=refit)
+                                      pattern=sub_pattern, refit=refit, sync_free=sync_free)
         iterations += it
         trace.extend(sub_trace if not trace else sub_trace[1:])
         w = torch.zeros_like(w)

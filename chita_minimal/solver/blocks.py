@@ -57,27 +57,36 @@ def make_blocks(p: int, blocks) -> list[torch.Tensor]:
 PARTITIONS = ("fixed", "equal")
 
 
-def layer_blocks(layout, block_size: int, partition: str = "fixed") -> list[torch.Tensor]:
+def layer_blocks(layout, block_size: int, partition: str = "fixed", shift: int = 0) -> list[torch.Tensor]:
     """Blocks of about ``block_size`` contiguous weights that never straddle two layers (Alg 6).
 
     ``layout`` is a :class:`chita_minimal.network.params.Layout`; each layer is cut on its own:
 
     - ``partition="fixed"`` (default): blocks of exactly ``block_size``, the layer's last block shorter
       (the paper's cut; these are the blocks ``prune(method="chita-block"/"chita-block-iht")`` uses);
+      ``shift`` (0 ≤ shift < block_size) moves every cut: the layer's first block has ``shift`` weights (when
+      the layer is longer than that), then blocks of ``block_size`` follow — another cut of the same kind;
     - ``partition="equal"``: the layer cut into max(1, ⌊size/block_size⌋) blocks of equal size (±1), so no
       block is a short remainder.
 
     With the same support, the block backsolve's result depends on where the blocks are cut (the cross-block
-    terms of XᵀX that are dropped differ); the ResNet20 chapter measures how much.
+    terms of XᵀX that are dropped differ); the chapter "Where the blocks are cut" measures how much.
     """
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
     if partition not in PARTITIONS:
         raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}")
+    if isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift < block_size:
+        raise ValueError(f"shift must be an int with 0 <= shift < block_size = {block_size}, got {shift!r}")
+    if shift and partition != "fixed":
+        raise ValueError(f"shift moves the cuts of partition='fixed'; partition={partition!r} has no shift")
     out = []
     for offset, numel in zip(layout.offsets, layout.numels):
         if partition == "fixed":
-            out.extend(b + offset for b in make_blocks(numel, block_size))
+            first = shift if 0 < shift < numel else 0
+            if first:
+                out.append(torch.arange(first) + offset)
+            out.extend(b + offset + first for b in make_blocks(numel - first, block_size))
         else:
             count = max(1, numel // block_size)
             out.extend(b + offset for b in torch.arange(numel).tensor_split(count))

@@ -171,7 +171,7 @@ def fixed_step(problem: Problem, w, r, f, k, tol, cg=None, pattern=None):
 
 
 def iht(problem: Problem, k: int | None, w0: torch.Tensor | None = None, *, line_search: bool = True,
-        max_iter: int = 500, tol: float = 1e-7, pattern=None, refit: int | None = None):
+        max_iter: int = 500, tol: float = 1e-7, pattern=None, refit: int | None = None, sync_free: bool = False):
     """IHT for (P) (Alg 3); step size by line search (Alg 2) or fixed 1/L.
 
     Starts from ``w0`` thresholded to k (default H_k(w̄), the magnitude-pruning
@@ -184,7 +184,21 @@ def iht(problem: Problem, k: int | None, w0: torch.Tensor | None = None, *, line
     exact minimiser on that support (the restricted ridge solve of Alg 5) when it lowers f,
     instead of converging to it step by step — many iterations on an ill-conditioned
     support (small l2, n < k) become one solve. None: never.
+
+    ``sync_free``: the line search decided on the device, with no host read inside the loop
+    (:mod:`chita_minimal.solver.iht_sync_free`): the same steps, for GPUs, where a read-back per trial costs
+    more than the product it waits for. Line search, dense X, global top-k and no ``refit`` only.
     """
+    if sync_free:
+        from chita_minimal.solver.iht_sync_free import iht_sync_free
+
+        unsupported = [what for what, bad in (("line_search=False", not line_search),
+                                              ("an N:M pattern", pattern is not None), ("refit", refit is not None),
+                                              (f"a {type(problem).__name__}", type(problem) is not Problem)) if bad]
+        if unsupported:
+            raise ValueError(f"sync_free=True does not support {' or '.join(unsupported)}: it needs the line search "
+                             "on a dense X with a global top-k and no refit")
+        return iht_sync_free(problem, k, w0, max_iter=max_iter, tol=tol)
     if pattern is not None:
         k = pattern.check_k(k)
     start = problem.w_bar if w0 is None else w0

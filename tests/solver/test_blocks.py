@@ -192,3 +192,20 @@ def test_equal_partition_cuts_every_layer_into_equal_blocks():
     assert [len(b) for b in equal] == [617, 617, 80, 500, 500, 500, 500]
     with pytest.raises(ValueError, match="partition must be one of"):
         layer_blocks(lay, 500, partition="random")
+
+
+def test_a_shifted_fixed_partition_moves_every_cut_and_still_partitions_each_layer():
+    from types import SimpleNamespace
+    lay = SimpleNamespace(offsets=[0, 1234, 1234 + 80], numels=[1234, 80, 2000])
+    shifted = layer_blocks(lay, 500, shift=200)
+    assert torch.equal(torch.sort(torch.cat(shifted)).values, torch.arange(3314))
+    # a layer longer than the shift starts with it; one shorter (80) stays one block
+    assert [len(b) for b in shifted] == [200, 500, 500, 34, 80, 200, 500, 500, 500, 300]
+    assert all(len({int(torch.searchsorted(torch.tensor(lay.offsets), int(i), right=True)) for i in b[[0, -1]]})
+               == 1 for b in shifted)
+    assert [len(b) for b in layer_blocks(lay, 500, shift=0)] == [len(b) for b in layer_blocks(lay, 500)]
+    for bad in (-1, 500, 2.0, True):
+        with pytest.raises(ValueError, match="shift"):
+            layer_blocks(lay, 500, shift=bad)
+    with pytest.raises(ValueError, match="shift"):
+        layer_blocks(lay, 500, partition="equal", shift=100)
