@@ -83,16 +83,16 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
         refit = _FAST_REFIT
     rtol = _POWER_RTOL if fast else 0.0
     trace, iterations = [], 0
-    sub, idx, sub_vector, halving, skip_halving = None, None, None, 0, False
+    sub, idx, halving, skip_halving = None, None, 0, False
+    previous = None  # fast: (A, top singular vector of X_A) of the last restriction, the next L_A's warm start
     for _ in range(max_rounds):
         if sub is None:  # A is new (the first round, or it grew): restrict to it and estimate L_A
-            previous = (idx, sub_vector) if fast and idx is not None else None
             idx = torch.nonzero(active).squeeze(1)
             sub = problem.restrict(idx)
             sub.gram_updates = fast
             if fast and len(idx) < p:  # L_A warm-started from the last round's top singular vector
                 sub.lipschitz(start=_warm_start(previous, idx), rtol=rtol)
-                sub_vector = sub.power_vector
+                previous = (idx, sub.power_vector)
             sub_pattern = None if pattern is None else pattern.restrict(idx)
         w_sub, _, sub_trace, it = iht(sub, k, w[idx], line_search=True, max_iter=max_iter, tol=tol,
                                       pattern=sub_pattern, refit=refit, sync_free=sync_free)
@@ -216,9 +216,7 @@ class _NearA:
             if type(problem) is Problem:
                 problem._lipschitz = float(torch.linalg.vector_norm(problem.X)) ** 2 + 2.0 * problem.lam
             else:
-                start = torch.zeros(problem.p, dtype=self._sub.power_vector.dtype, device=self._idx.device)
-                start[self._idx] = self._sub.power_vector
-                problem.lipschitz(start=start, rtol=self._rtol)
+                problem.lipschitz(start=_embed(self._sub.power_vector, self._idx, problem.p), rtol=self._rtol)
         return problem.lipschitz()
 
     def objective(self, w, r=None):

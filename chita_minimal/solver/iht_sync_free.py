@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from chita_minimal.solver.iht import support_of
+from chita_minimal.solver.iht import project, support_of
 from chita_minimal.solver.problem import Problem
 
 _DOUBLINGS = 6  # τ_c·2^j for j = 0…5: the start and ≤ 5 doublings, as in the sequential line search
@@ -139,8 +139,7 @@ def iht_sync_free(problem: Problem, k: int, w0: torch.Tensor | None = None, *, m
     if type(problem) is not Problem:
         raise TypeError(f"the sync-free line search needs a Problem with a dense X, got {type(problem).__name__}")
     start = problem.w_bar if w0 is None else w0
-    mask = batched_hard_threshold(start.unsqueeze(0), k)[0]
-    w = torch.where(mask, start, torch.zeros_like(start))
+    w, _ = project(start, k)  # H_k of the start, as in iht
     r = problem.residual(w)
     f = _objectives(problem, w, r)
     inv_L = 1.0 / problem.lipschitz()  # one host read, before the loop
