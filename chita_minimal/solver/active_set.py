@@ -49,11 +49,14 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
     random start; X_A kept while A does not grow; the residual of the round's point taken from X_A;
     every X·v of the full-space trials computed as X_A v_A plus the few columns outside A; the
     halvings started one above the step that worked last round, and tried last after a round where
-    none worked; ``refit=15`` unless given, with the n×n Gram of the Woodbury solve updated by the
-    columns that enter and leave the support between refits (:meth:`Problem.ridge`), and the final
-    polish reusing the last refit. The path differs by rounding and by L_A, so the result does too
-    (measured on MLPNet, n = 1000, sparsity 0.5…0.98, l2 1e-3 and 0.1: objective 0.989–1.0003× the
-    default's; 1.3–4× fewer bare passes, ``bench/speed.py``).
+    none worked; the residual of a thresholded trial from the columns that entered or left the support
+    (``exact_changes`` of :func:`chita_minimal.solver.iht.line_search_step`); ``refit=15`` unless given,
+    and a refit right after a swap of a few coordinates from a settled support (see ``refit`` of
+    :func:`chita_minimal.solver.iht.iht`), the n×n system of the Woodbury solve kept factorised and
+    corrected for the columns that entered and left (:class:`chita_minimal.solver.gram.SupportGram`),
+    the final polish reusing the last refit. The path differs by rounding, by L_A and by the refits, so
+    the result does too (measured on MLPNet, n = 1000, sparsity 0.5…0.98, l2 1e-3 and 0.1: objective
+    0.987–1.0002× the default's; 2–4× fewer bare passes, ``bench/speed.py``).
 
     ``sync_free``: step 2's IHT with the line search decided on the device (no host read per iteration;
     :mod:`chita_minimal.solver.iht_sync_free`), for GPUs; not with ``fast`` (whose refits read the support) or
@@ -95,7 +98,7 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
                 previous = (idx, sub.power_vector)
             sub_pattern = None if pattern is None else pattern.restrict(idx)
         w_sub, _, sub_trace, it = iht(sub, k, w[idx], line_search=True, max_iter=max_iter, tol=tol,
-                                      pattern=sub_pattern, refit=refit, sync_free=sync_free)
+                                      pattern=sub_pattern, refit=refit, sync_free=sync_free, exact_changes=fast)
         iterations += it
         trace.extend(sub_trace if not trace else sub_trace[1:])
         w = torch.zeros_like(w)
@@ -120,7 +123,7 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
             if fast:  # the next round starts one halving above the step that worked (not from 2/L_A again)
                 halving = max(0, accepted[3] - 1)
             accepted = accepted[:3]
-        w_ls, mask_ls, _, f_ls = line_search_step(full, w, r, f, k, tol, pattern=pattern, g=g)
+        w_ls, mask_ls, _, f_ls = line_search_step(full, w, r, f, k, tol, pattern=pattern, g=g, exact_changes=fast)
         if f_ls < f - tol * abs(f) and (accepted is None or f_ls < accepted[2]):
             accepted = (w_ls, w_ls != 0, f_ls)
         if accepted is None and swap_candidates > 0:

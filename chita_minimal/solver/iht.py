@@ -15,6 +15,11 @@ import torch
 
 from chita_minimal.solver.problem import Problem
 
+# refit (see iht): also right after a swap of at most this many coordinates from a support that had settled
+# (an exact refit, or this many iterations without a change)
+_SWAP_REFIT = 8
+_SWAP_SETTLED = 5
+
 # When more than this fraction of coordinates changes, one dense matvec beats a column gather
 # (gathering columns of a row-major X reads scattered memory).
 _DENSE_UPDATE_FRACTION = 0.02
@@ -78,12 +83,18 @@ def _step_to_keep_support(w, g, support, pattern=None):
     return float(ratios.min())
 
 
-def _threshold_step(problem: Problem, w, r, g, Xd, d, tau, k, pattern=None):
-    """w⁺ = H_k(w − τg) and its residual, reusing X·d: X w⁺ = Xw + τXd + X_Δ δ_Δ."""
+def _threshold_step(problem: Problem, w, r, g, Xd, d, tau, k, pattern=None, exact_changes: bool = False):
+    """w⁺ = H_k(w − τg) and its residual, reusing X·d: X w⁺ = Xw + τXd + X_Δ δ_Δ.
+
+    Δ: the coordinates where δ = w⁺ − w − τd is nonzero — in exact arithmetic those whose membership in the
+    support changed, but rounding leaves δ ~ 1e-16·|w| on many kept ones, and past a few percent of the
+    coordinates the update becomes a full product. ``exact_changes``: Δ is the coordinates that entered or left
+    the support (the kept ones moved by exactly τd, which X·d carries), so a step that swaps a few coordinates
+    costs a few columns."""
     u = w - tau * g
     w_new, mask = project(u, k, pattern)
     delta = w_new - w - tau * d  # nonzero only where the support changed
-    changed = torch.nonzero(delta).squeeze(1)
+    changed = torch.nonzero(mask != (w != 0) if exact_changes else delta).squeeze(1)
     if changed.numel() > _DENSE_UPDATE_FRACTION * w.numel():
         r_new = problem.residual(w_new)
     else:
@@ -91,7 +102,7 @@ def _threshold_step(problem: Problem, w, r, g, Xd, d, tau, k, pattern=None):
     return w_new, mask, r_new
 
 
-def line_search_step(problem: Problem, w, r, f, k, tol, cg=None, pattern=None, g=None):
+def line_search_step(problem: Problem, w, r, f, k, tol, cg=None, pattern=None, g=None, exact_changes=False):
     """One IHT iteration with the step size of Alg 2. Returns (w, support, r, f).
 
     τ* = ‖d_S‖²/(‖X_S d_S‖² + 2λ‖d_S‖²) is the exact minimiser along d = −∇f on the
@@ -105,7 +116,7 @@ def line_search_step(problem: Problem, w, r, f, k, tol, cg=None, pattern=None, g
     j = 0…5, are tried with thresholding, doubling while f decreases; if none lowers
     f, the safe step 1/L is tried. f never increases. ``pattern``: an N:M constraint
     (k = pattern.k; "full support" then means N nonzeros in every group). ``g``: ∇f(w) when the
-    caller has it already.
+    caller has it already. ``exact_changes``: see :func:`_threshold_step`.
     """
     support = w != 0
     full_support = int(support.sum()) >= k
@@ -146,7 +157,7 @@ def line_search_step(problem: Problem, w, r, f, k, tol, cg=None, pattern=None, g
     improved = False
     if 0.0 < tau < float("inf"):
         for _ in range(6):  # the start and ≤ 5 doublings
-            cand = _threshold_step(problem, w, r, g, Xd, d, tau, k, pattern)
+            cand = _threshold_step(problem, w, r, g, Xd, d, tau, k, pattern, exact_changes)
             f_c = problem.objective(cand[0], cand[2])
             if f_c < best[3]:
                 best, improved = (*cand, f_c), True
@@ -156,12 +167,13 @@ def line_search_step(problem: Problem, w, r, f, k, tol, cg=None, pattern=None, g
     if best[3] < f:
         return best
     # fall back to the safe step 1/L (monotone by the majorisation argument)
-    w_new, mask, r_new = _threshold_step(problem, w, r, g, Xd, d, 1.0 / problem.lipschitz(), k, pattern)
+    w_new, mask, r_new = _threshold_step(problem, w, r, g, Xd, d, 1.0 / problem.lipschitz(), k, pattern,
+                                         exact_changes)
     f_new = problem.objective(w_new, r_new)
     return (w_new, mask, r_new, f_new) if f_new < f else best
 
 
-def fixed_step(problem: Problem, w, r, f, k, tol, cg=None, pattern=None):
+def fixed_step(problem: Problem, w, r, f, k, tol, cg=None, pattern=None, exact_changes=False):
     """One IHT iteration with the fixed step 1/L (Alg 3 without line search)."""
     g = problem.gradient(w, r)
     u = w - g / problem.lipschitz()
@@ -171,7 +183,8 @@ def fixed_step(problem: Problem, w, r, f, k, tol, cg=None, pattern=None):
 
 
 def iht(problem: Problem, k: int | None, w0: torch.Tensor | None = None, *, line_search: bool = True,
-        max_iter: int = 500, tol: float = 1e-7, pattern=None, refit: int | None = None, sync_free: bool = False):
+        max_iter: int = 500, tol: float = 1e-7, pattern=None, refit: int | None = None, sync_free: bool = False,
+        exact_changes: bool = False):
     """IHT for (P) (Alg 3); step size by line search (Alg 2) or fixed 1/L.
 
     Starts from ``w0`` thresholded to k (default H_k(w̄), the magnitude-pruning
@@ -183,7 +196,13 @@ def iht(problem: Problem, k: int | None, w0: torch.Tensor | None = None, *, line
     ``refit``: after this many consecutive iterations on an unchanged support, jump to the
     exact minimiser on that support (the restricted ridge solve of Alg 5) when it lowers f,
     instead of converging to it step by step — many iterations on an ill-conditioned
-    support (small l2, n < k) become one solve. None: never.
+    support (small l2, n < k) become one solve; and also right after a swap of at most
+    ``_SWAP_REFIT`` coordinates from a support that had settled (an exact refit, or ``_SWAP_SETTLED``
+    iterations unchanged): the walk of single swaps that IHT makes near its end, each followed by
+    many conjugate-gradient steps on the new support, becomes one solve per swap. None: never.
+
+    ``exact_changes``: the residual of a thresholded trial step from the columns that entered or
+    left the support (:func:`_threshold_step`).
 
     ``sync_free``: the line search decided on the device, with no host read inside the loop
     (:mod:`chita_minimal.solver.iht_sync_free`): the same steps, for GPUs, where a read-back per trial costs
@@ -210,17 +229,23 @@ def iht(problem: Problem, k: int | None, w0: torch.Tensor | None = None, *, line
     cg = {}
     it = 0
     stable = 0
+    exact = False
     for it in range(1, max_iter + 1):
-        w, new_support, r, f_new = step(problem, w, r, f, k, tol, cg, pattern)
-        stable = stable + 1 if torch.equal(new_support, support) else 0
+        w, new_support, r, f_new = step(problem, w, r, f, k, tol, cg, pattern, exact_changes=exact_changes)
+        same = torch.equal(new_support, support)
+        swapped = bool(refit) and (exact or stable >= _SWAP_SETTLED) and not same \
+            and int((new_support != support).sum()) <= _SWAP_REFIT
+        stable = stable + 1 if same else 0
         support = new_support
-        if refit and stable == refit:  # the support has settled: solve on it exactly
+        exact = False
+        if refit and (stable == refit or swapped):  # the support has settled: solve on it exactly
             w_r = problem.ridge(support_of(w, k, pattern))
             r_r = problem.residual(w_r)
             f_r = problem.objective(w_r, r_r)
             if f_r < f_new:
                 w, r, f_new = w_r, r_r, f_r
                 cg.clear()
+                exact = True
         trace.append(f_new)
         converged = abs(f - f_new) <= tol * max(abs(f), 1e-30)
         f = f_new

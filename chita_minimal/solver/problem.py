@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from chita_minimal.solver.gram import SupportGram
+
 
 def all_finite(t: torch.Tensor) -> bool:
     """True iff every entry of ``t`` is finite, without an n×p temporary when it is.
@@ -158,36 +160,21 @@ class Problem:
     gram_updates = False
 
     def _ridge_by_gram_updates(self, support: torch.Tensor) -> torch.Tensor | None:
-        """The Woodbury solve of :func:`ridge_on_support` with K = X_S X_Sᵀ kept (fp64) between calls and
-        updated by the columns that entered and left S (K += X_in X_inᵀ − X_out X_outᵀ) when they are at most a
-        quarter of S. r₀ and X_Sᵀz come from one product with X each, no gather of X_S. None where the Woodbury
-        form does not apply (|S| ≤ n, or α with λ = 0)."""
+        """The Woodbury solve of :func:`ridge_on_support` with the n×n system kept factorised between calls and
+        corrected for the columns that entered and left S (:class:`chita_minimal.solver.gram.SupportGram`).
+        r₀ and X_Sᵀz come from one product with X each, no gather of X_S. None where the Woodbury form does not
+        apply (|S| ≤ n, or λ = 0)."""
         s, lam2 = int(support.sum()), 2.0 * self.lam
         if s <= self.n or lam2 == 0:
             return None
-        cached = getattr(self, "_gram", None)
-        K = None
-        if cached is not None:
-            into = torch.nonzero(support & ~cached[0]).squeeze(1)
-            out = torch.nonzero(cached[0] & ~support).squeeze(1)
-            if into.numel() + out.numel() <= s // 4:
-                K = cached[1]
-                for cols, sign in ((into, 1.0), (out, -1.0)):
-                    if cols.numel():
-                        C = self.X.index_select(1, cols).double()
-                        K.addmm_(C, C.T, alpha=sign)
-        if K is None:
-            XS = self.X.index_select(1, torch.nonzero(support).squeeze(1))
-            K = (XS @ XS.T).double()
-        self._gram = (support.clone(), K)
+        if getattr(self, "_support_gram", None) is None:
+            self._support_gram = SupportGram(self.X, lam2)
         zero = torch.zeros_like(self.w_bar)
         w_bar_S = torch.where(support, self.w_bar, zero)
         rhs = (self.y - self.matvec(w_bar_S)).double()
         if self.alpha is not None:
             rhs += self.matvec(torch.where(support, self.alpha, zero)).double() / lam2
-        A = K.clone()
-        A.diagonal().add_(lam2)
-        z = spd_solve(A, rhs).to(self.X.dtype)
+        z = self._support_gram.solve(support, rhs).to(self.X.dtype)
         delta = self.rmatvec(z)
         if self.alpha is not None:
             delta -= self.alpha / lam2
