@@ -18,18 +18,24 @@ written plainly in numpy in the same process, so that a reader can check the rat
 Columns: seconds (ours), passes (ours / bare pass), reference_seconds, speedup (reference / ours), objective
 and reference_objective (f of problem (P); lower is better). CSV: data/bench/speed.csv.
 Usage: python bench/speed.py [--device cuda] [--n 1000] [--quick]
+Threads: torch and numpy's BLAS (the references, and the symmetric Gram products of the fast path on a CPU) both
+read OMP_NUM_THREADS; unset, it is set to 1 here so that both sides of every ratio use one thread.
 """
 
 from __future__ import annotations
 
-import argparse
-import time
-from pathlib import Path
+import os
 
-import torch
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before numpy and torch load their thread pools
 
-import chita_minimal as cm
-from _common import write_table
+import argparse  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+import chita_minimal as cm  # noqa: E402
+from _common import write_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = {"matvec": ["matvec", "matvec_cols"], "rmatvec": ["rmatvec"], "top-k": ["hard_threshold"],

@@ -156,7 +156,7 @@ class Problem:
         return last[1].clone()
 
     # Set by the active set's fast mode on its restricted problems: successive exact solves on supports that
-    # differ in a few coordinates update the n×n Gram of the Woodbury form instead of forming it again.
+    # differ in a few coordinates reuse the factorised n×n system of the Woodbury form (SupportGram).
     gram_updates = False
 
     def _ridge_by_gram_updates(self, support: torch.Tensor) -> torch.Tensor | None:
