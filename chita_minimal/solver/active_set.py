@@ -49,14 +49,18 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
     random start; X_A kept while A does not grow; the residual of the round's point taken from X_A;
     every X·v of the full-space trials computed as X_A v_A plus the few columns outside A; the
     halvings started one above the step that worked last round, and tried last after a round where
-    none worked; the residual of a thresholded trial from the columns that entered or left the support
-    (``exact_changes`` of :func:`chita_minimal.solver.iht.line_search_step`); ``refit=15`` unless given,
-    and a refit right after a swap of a few coordinates from a settled support (see ``refit`` of
-    :func:`chita_minimal.solver.iht.iht`), the n×n system of the Woodbury solve kept factorised and
-    corrected for the columns that entered and left (:class:`chita_minimal.solver.gram.SupportGram`),
-    the final polish reusing the last refit. The path differs by rounding, by L_A and by the refits, so
-    the result does too (measured on MLPNet, n = 1000, sparsity 0.5…0.98, l2 1e-3 and 0.1: objective
-    0.987–1.0002× the default's; 2–4× fewer bare passes, ``bench/speed.py``).
+    none worked. In the line searches, the residual of a thresholded candidate comes from the columns
+    that entered or left the support (``exact_changes``), and the candidates that swap many coordinates
+    from one product with all of them (``batch_trials``, :func:`chita_minimal.solver.iht._trial_steps`).
+    Exact solves replace long runs of small steps: ``refit=15`` unless given, a refit right after a swap
+    of a few coordinates from a settled support (``refit`` of :func:`chita_minimal.solver.iht.iht`), and
+    after a move of step 3 or 4 that stays inside A (a swap, typically) the exact solve on the new
+    support, from which step 2 is skipped (its first trials are support changes inside A, which step 3
+    tries too). The refits keep the n×n system of the Woodbury solve factorised and correct it for the
+    columns that entered and left (:class:`chita_minimal.solver.gram.SupportGram`, carried over when A
+    grows); the final polish reuses the last refit. The path differs by rounding, by L_A and by the
+    refits, so the result does too (measured on MLPNet, n = 1000, sparsity 0.5…0.98, l2 1e-3 and 0.1:
+    objective 0.989–1.0009× the default's, 2–6× fewer bare passes, ``bench/speed.py``).
 
     ``sync_free``: step 2's IHT with the line search decided on the device (no host read per iteration;
     :mod:`chita_minimal.solver.iht_sync_free`), for GPUs; not with ``fast`` (whose refits read the support) or
@@ -85,24 +89,33 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
     if fast and refit is None:
         refit = _FAST_REFIT
     rtol = _POWER_RTOL if fast else 0.0
+    batch = fast and type(problem) is Problem  # the line search's trials in batches (Problem.matvecs)
     trace, iterations = [], 0
     sub, idx, halving, skip_halving = None, None, 0, False
     previous = None  # fast: (A, top singular vector of X_A) of the last restriction, the next L_A's warm start
+    exact = False  # fast: w is the exact solve on its support, after a move inside A
+    carried = (None, None)
     for _ in range(max_rounds):
         if sub is None:  # A is new (the first round, or it grew): restrict to it and estimate L_A
             idx = torch.nonzero(active).squeeze(1)
             sub = problem.restrict(idx)
             sub.gram_updates = fast
+            if fast and carried[1] is not None:  # A grew by a few columns: its refits go on from the same factor
+                sub._support_gram = carried[1].moved(sub.X, torch.searchsorted(idx, carried[0]))
             if fast and len(idx) < p:  # L_A warm-started from the last round's top singular vector
                 sub.lipschitz(start=_warm_start(previous, idx), rtol=rtol)
                 previous = (idx, sub.power_vector)
             sub_pattern = None if pattern is None else pattern.restrict(idx)
-        w_sub, _, sub_trace, it = iht(sub, k, w[idx], line_search=True, max_iter=max_iter, tol=tol,
-                                      pattern=sub_pattern, refit=refit, sync_free=sync_free, exact_changes=fast)
-        iterations += it
-        trace.extend(sub_trace if not trace else sub_trace[1:])
-        w = torch.zeros_like(w)
-        w[idx] = w_sub
+        if exact:  # fast: w is the exact solve on its support (a refit after a move inside A); step 2's first
+            w_sub, exact = w[idx], False  # trials would be support changes inside A, which step 3 tries too
+        else:
+            w_sub, _, sub_trace, it = iht(sub, k, w[idx], line_search=True, max_iter=max_iter, tol=tol,
+                                          pattern=sub_pattern, refit=refit, sync_free=sync_free,
+                                          exact_changes=fast, batch_trials=batch)
+            iterations += it
+            trace.extend(sub_trace if not trace else sub_trace[1:])
+            w = torch.zeros_like(w)
+            w[idx] = w_sub
         f = trace[-1]
         if len(idx) == p:
             break  # the active set is everything: nothing left to bring in
@@ -123,7 +136,8 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
             if fast:  # the next round starts one halving above the step that worked (not from 2/L_A again)
                 halving = max(0, accepted[3] - 1)
             accepted = accepted[:3]
-        w_ls, mask_ls, _, f_ls = line_search_step(full, w, r, f, k, tol, pattern=pattern, g=g, exact_changes=fast)
+        w_ls, mask_ls, _, f_ls = line_search_step(full, w, r, f, k, tol, pattern=pattern, g=g, exact_changes=fast,
+                                                  batch_trials=batch)
         if f_ls < f - tol * abs(f) and (accepted is None or f_ls < accepted[2]):
             accepted = (w_ls, w_ls != 0, f_ls)
         if accepted is None and swap_candidates > 0:
@@ -134,11 +148,18 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
         if accepted is None:
             break
         w, mask, f_new = accepted
+        inside = not bool((mask & ~active).any())
+        if fast and inside and pattern is None:  # a swap or a step inside A: the exact solve on its support
+            w_ridge = sub.ridge(mask[idx])  # (a few columns away from the last refit: cheap, SupportGram)
+            f_ridge = sub.objective(w_ridge)
+            if f_ridge < f_new:
+                w, f_new, exact = _embed(w_ridge, idx, p), f_ridge, True
         trace.append(f_new)
         iterations += 1
-        if not bool((mask & ~active).any()):
+        if inside:
             continue  # improvement inside A: IHT resumes from the new point, on the same X_A
         active |= mask
+        carried = (idx, getattr(sub, "_support_gram", None))  # fast: the factorised refit system, kept for the next A
         sub = None
     support = support_of(w, k, pattern)
     if polish:
@@ -209,6 +230,14 @@ class _NearA:
 
     def residual(self, w):
         return self._problem.y - self.matvec(w)
+
+    def matvecs(self, W):
+        """X wᵢ for every row of an (m, p) W whose nonzeros are mostly inside A, the same way as :meth:`matvec`."""
+        out = torch.nonzero((W != 0).any(0) & self._outside).squeeze(1)
+        if out.numel() > _DENSE_UPDATE_FRACTION * W.shape[1]:
+            return self._problem.matvecs(W)
+        XW = self._sub.matvecs(W[:, self._idx])
+        return XW + self._problem.matvec_cols(out, W[:, out].T).T if out.numel() else XW
 
     def lipschitz(self):
         """L of the full problem (the safe step 1/L of the line search's last resort). Fast path: for a dense X,

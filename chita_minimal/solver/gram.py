@@ -72,6 +72,16 @@ class SupportGram:
             L = torch.linalg.cholesky(A)
         self.base, self._K, self._L = support.clone(), K, L
 
+    def moved(self, X: torch.Tensor, positions: torch.Tensor) -> "SupportGram":
+        """The same factorised system for a matrix X that holds this one's columns at ``positions`` (column j here
+        is column positions[j] there; e.g. a larger active set): nothing is formed or factorised again."""
+        gram = SupportGram(X, self.lam2, self.max_rank)
+        if self.base is not None:
+            gram.base = torch.zeros(X.shape[1], dtype=torch.bool, device=self.base.device)
+            gram.base[positions[self.base]] = True
+            gram._K, gram._L = self._K, self._L
+        return gram
+
     def solve(self, support: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """z with (X_S X_Sᵀ + 2λI) z = b, S = ``support`` (bool mask over the columns of X); fp64."""
         b = b.double().unsqueeze(-1)

