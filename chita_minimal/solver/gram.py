@@ -49,17 +49,17 @@ class SupportGram:
     def _columns(self, mask: torch.Tensor) -> torch.Tensor:
         return self.X.index_select(1, torch.nonzero(mask).squeeze(1))
 
-    def _rebase(self, support: torch.Tensor) -> None:
-        """A₀ ← the system of ``support``: K updated by the changed columns when they are at most a quarter of
-        S (two products with few columns), else formed again; then factorised."""
+    def _rebase(self, support: torch.Tensor, into=None, out=None, changes: int = 0) -> None:
+        """A₀ ← the system of ``support``: K₀ updated by the changed columns (``into``, ``out``: masks of the
+        columns that entered and left S₀; ``changes``: how many) when they are at most a quarter of S (two
+        products with few columns), else formed again; then factorised. K₀ is updated out of place: a moved copy
+        (:meth:`moved`) may share it."""
         K = None
-        if self.base is not None:
-            into, out = support & ~self.base, self.base & ~support
-            if int(into.sum()) + int(out.sum()) <= int(support.sum()) // 4:
-                K = self._K
-                for mask, sign in ((into, 1.0), (out, -1.0)):
-                    if bool(mask.any()):
-                        K.add_(outer_gram(self._columns(mask)).double(), alpha=sign)
+        if self.base is not None and changes <= int(support.sum()) // 4:
+            K = self._K.clone()
+            for mask, sign in ((into, 1.0), (out, -1.0)):
+                if bool(mask.any()):
+                    K.add_(outer_gram(self._columns(mask)).double(), alpha=sign)
         if K is None:
             K = outer_gram(self._columns(support)).double()
         A = K.clone()
@@ -85,17 +85,19 @@ class SupportGram:
     def solve(self, support: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """z with (X_S X_Sᵀ + 2λI) z = b, S = ``support`` (bool mask over the columns of X); fp64."""
         b = b.double().unsqueeze(-1)
-        if self.base is not None:
-            into, out = support & ~self.base, self.base & ~support
-            m = int(into.sum()) + int(out.sum())
-        if self.base is None or m > self.max_rank:
+        if self.base is None:
             self._rebase(support)
-            m = 0
+            return torch.cholesky_solve(b, self._L).squeeze(-1)
+        into, out = support & ~self.base, self.base & ~support
+        changed = torch.nonzero(into | out).squeeze(1)
+        if changed.numel() > self.max_rank:
+            self._rebase(support, into, out, changed.numel())
+            return torch.cholesky_solve(b, self._L).squeeze(-1)
         z0 = torch.cholesky_solve(b, self._L)
-        if m == 0:
+        if changed.numel() == 0:
             return z0.squeeze(-1)
-        U = torch.cat([self._columns(into), self._columns(out)], dim=1).double()  # (n, m)
-        D = torch.cat([torch.ones(int(into.sum())), -torch.ones(int(out.sum()))]).to(U)
+        U = self.X.index_select(1, changed).double()  # (n, m): the columns that entered and left
+        D = torch.where(into[changed], 1.0, -1.0).to(U)  # +1 entered, −1 left
         Y = torch.cholesky_solve(U, self._L)  # A₀⁻¹U
         capacitance = torch.diag(D) + U.T @ Y  # D⁻¹ = D for entries ±1
         return (z0 - Y @ torch.linalg.solve(capacitance, U.T @ z0)).squeeze(-1)

@@ -93,13 +93,18 @@ def _threshold_step(problem: Problem, w, r, g, Xd, d, tau, k, pattern=None, exac
     costs a few columns."""
     u = w - tau * g
     w_new, mask = project(u, k, pattern)
+    return w_new, mask, _stepped_residual(problem, w, r, Xd, d, tau, w_new, mask, exact_changes)
+
+
+def _stepped_residual(problem: Problem, w, r, Xd, d, tau, w_new, mask, exact_changes=False, changed=None):
+    """y − X w⁺ for w⁺ = H_k(w − τg): r − τXd − X_Δ δ_Δ from the columns Δ (:func:`_threshold_step`; ``changed``:
+    Δ when the caller has it), or a full product when Δ is more than a few percent of the coordinates."""
     delta = w_new - w - tau * d  # nonzero only where the support changed
-    changed = torch.nonzero(mask != (w != 0) if exact_changes else delta).squeeze(1)
+    if changed is None:
+        changed = torch.nonzero(mask != (w != 0) if exact_changes else delta).squeeze(1)
     if changed.numel() > _DENSE_UPDATE_FRACTION * w.numel():
-        r_new = problem.residual(w_new)
-    else:
-        r_new = r - tau * Xd - problem.matvec_cols(changed, delta[changed])
-    return w_new, mask, r_new
+        return problem.residual(w_new)
+    return r - tau * Xd - problem.matvec_cols(changed, delta[changed])
 
 
 def line_search_step(problem: Problem, w, r, f, k, tol, cg=None, pattern=None, g=None, exact_changes=False,
@@ -205,11 +210,7 @@ def _trial_steps(problem: Problem, w, r, g, Xd, d, tau, k, pattern=None):
             for (w_i, mask_i), r_i in zip(rest, R):
                 yield w_i, mask_i, r_i, problem.objective(w_i, r_i)
             return
-        delta = w_new - w - t * d
-        if changed.numel() > _DENSE_UPDATE_FRACTION * w.numel():
-            r_new = problem.residual(w_new)
-        else:
-            r_new = r - t * Xd - problem.matvec_cols(changed, delta[changed])
+        r_new = _stepped_residual(problem, w, r, Xd, d, t, w_new, mask, changed=changed)
         yield w_new, mask, r_new, problem.objective(w_new, r_new)
 
 
