@@ -5,7 +5,8 @@ first-order method does per iteration), measured in the same process just before
 written plainly in numpy in the same process, so that a reader can check the ratios on their own machine:
 
   active_set   MLPNet (shared checkpoint), n = 1000 per-sample gradients, fp32, l2 = 1e-3 and 0.1,
-               sparsity 0.5 … 0.98: the package's active set (Alg 4; rows active_set_fast: ``fast=True``) against ``cm.solver.reference.iht`` (IHT with a
+               sparsity 0.5 … 0.98: the package's active set (Alg 4; rows active_set_fast: ``fast=True``) against
+               ``cm.solver.reference.iht`` (IHT with a
                backtracking line search on the step, the textbook form of Alg 3, same tolerance, ≤ 300 iterations)
   block        ResNet20 (shared checkpoint), n = 1000, blocks of 500 per layer, sparsity 0.7 / 0.8 / 0.9: the
                block backsolve of Alg 6 on a fixed support against ``cm.solver.reference.block_backsolve``

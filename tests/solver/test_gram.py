@@ -139,9 +139,9 @@ def test_products_with_many_rows_equal_one_product_each():
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("l2", [1e-3, 0.1])  # (l2 = 0 with n < k: the refit interpolates, f = 0, nothing to try)
 def test_the_line_search_on_batched_trials_takes_the_same_step(seed, l2):
-    """From the states of an IHT run (every other one refit exactly), the line search with its support-changing candidates computed in batches
-    (``batch_trials``) takes the same step as the one that computes them one at a time: same support, weights
-    and objective to rounding."""
+    """From the states of an IHT run (every other one refit exactly), the line search with its support-changing
+    candidates computed in batches (``batch_trials``) takes the same step as the one that computes them one at a
+    time: same support, weights and objective to rounding."""
     X, w_bar = random_problem(n=25, p=400, seed=seed)
     problem = Problem(X, w_bar, l2)
     k = [40, 150, 300, 390][seed]
