@@ -9,8 +9,8 @@ written plainly in numpy in the same process, so that a reader can check the rat
                ``cm.solver.reference.iht`` (IHT with a
                backtracking line search on the step, the textbook form of Alg 3, same tolerance, ≤ 300 iterations)
   block        ResNet20 (shared checkpoint), n = 1000, blocks of 500 per layer, sparsity 0.7 / 0.8 / 0.9: the
-               block backsolve of Alg 6 on a fixed support against ``cm.solver.reference.block_backsolve``
-               (one ridge solve per block in a Python loop)
+               block backsolve of Alg 6 on a fixed support (rows block_fast: ``fast=True``) against
+               ``cm.solver.reference.block_backsolve`` (one ridge solve per block in a Python loop)
   iteration    one line-search IHT iteration (MLPNet, ResNet20, sparsity 0.9) in bare passes: the sequential line
                search against the sync-free one (``iht(..., sync_free=True)``, no host read in the loop)
   profile      where the active set's time goes at 0.9 (cProfile, cumulative; parts nest), in bare passes
@@ -126,7 +126,6 @@ def main():
         problem = cm.solver.problem.Problem(X, w_bar, l2)
         support = cm.solver.backsolve.first_step_support(problem, k)
         bare = cm.network.measure.bare_pass(X)
-        ours, w = seconds(lambda: cm.solver.blocks.block_backsolve(problem, k, blocks, support)[0], repeats=3)
         sup = support.cpu().numpy()
         ref, w_ref = seconds(lambda: cm.solver.reference.block_backsolve(Xn, wn, spans, sup, l2))
 
@@ -135,12 +134,15 @@ def main():
             return float(0.5 * cm.solver.blocks.block_matvecs(X, d, blocks).square().sum()
                          + l2 * args.n / 2 * d.square().sum())
 
-        emit(what="block", net="resnet20", n=args.n, p=lay.p, sparsity=s, l2=l2, seconds=round(ours, 3),
-             bare_pass=round(bare, 5), passes=round(ours / bare, 1), iterations=1,
-             reference="numpy loop of per-block ridge solves", reference_seconds=round(ref, 3),
-             reference_iterations=1, speedup=round(ref / ours, 2),
-             objective=f"{block_objective(w):.6g}",
-             reference_objective=f"{block_objective(torch.from_numpy(w_ref).to(device)):.6g}")
+        for what, fast in (("block", False), ("block_fast", True)):
+            ours, w = seconds(lambda: cm.solver.blocks.block_backsolve(problem, k, blocks, support, fast=fast)[0],
+                              repeats=3)
+            emit(what=what, net="resnet20", n=args.n, p=lay.p, sparsity=s, l2=l2, seconds=round(ours, 3),
+                 bare_pass=round(bare, 5), passes=round(ours / bare, 1), iterations=1,
+                 reference="numpy loop of per-block ridge solves", reference_seconds=round(ref, 3),
+                 reference_iterations=1, speedup=round(ref / ours, 2),
+                 objective=f"{block_objective(w):.6g}",
+                 reference_objective=f"{block_objective(torch.from_numpy(w_ref).to(device)):.6g}")
     per_iteration("resnet20", X, w_bar, lay, emit, args.n)
     write_table(rows, args.out, device.type)
 

@@ -131,24 +131,29 @@ class ChitaBSO(ChitaSolve):
 @dataclass
 class ChitaBlock(ChitaSolve):
     """Block CHITA (Alg 6): blocks of ``block_size`` weights inside each layer, one global support,
-    an exact ridge solve per block (the paper's choice for large networks)."""
+    an exact ridge solve per block (the paper's choice for large networks). ``fast=True``: on a CPU, the blocks
+    solved one slice of X at a time (:func:`chita_minimal.solver.blocks.block_ridge`; same solves, other
+    rounding)."""
 
     name = "chita-block"
     summary = "block backsolve: per-layer blocks, one global support, ridge solve per block (Alg 6)"
     solver = "block"
     block_size: int = 500
     partition: str = "fixed"
+    fast: bool = False
 
     def check(self):
         check_int("block_size", self.block_size)
         check_partition(self.partition)
+        if not isinstance(self.fast, bool):
+            raise TypeError(f"fast must be True or False, got {self.fast!r}")
 
     def working_bytes(self, n, p, k, itemsize):
         # one Gram of at most block_size² numbers per block, and the gathered kept columns
         return Method.working_bytes(self, n, p, k, itemsize) + (p * self.block_size + n * k) * itemsize
 
     def solver_options(self, stage):
-        return dict(blocks=layer_blocks(stage.layout, self.block_size, self.partition))
+        return dict(blocks=layer_blocks(stage.layout, self.block_size, self.partition), fast=self.fast)
 
     def prune_streamed(self, model, dataset, sparsity, settings, names):
         """The same block backsolve from streamed gradients, never holding X (when X would not fit):

@@ -64,6 +64,22 @@ def test_chita_block_respects_layers(mnist, mlpnet):
     assert report.achieved_sparsity == pytest.approx(0.9, abs=1e-4)
 
 
+def test_chita_block_fast_gives_the_same_pruned_model(mnist, mlpnet):
+    """``fast=True`` (blocks solved one slice of X at a time on a CPU) is the same solve up to fp32 rounding."""
+    train, _ = mnist
+    fast = cm.models.load_pretrained("mlpnet")
+    cm.prune(mlpnet, train, 0.9, method="chita-block", n_grads=200, block_size=300)
+    cm.prune(fast, train, 0.9, method="chita-block", n_grads=200, block_size=300, fast=True)
+    for (name, a), b in zip(mlpnet.named_parameters(), fast.parameters()):
+        assert torch.equal(a == 0, b == 0), name
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    untouched = cm.models.load_pretrained("mlpnet")
+    with pytest.raises(TypeError, match="fast must be True or False, got 'yes'"):
+        cm.prune(untouched, train, 0.9, method="chita-block", fast="yes")
+    for a, b in zip(untouched.parameters(), cm.models.load_pretrained("mlpnet").parameters()):
+        assert torch.equal(a, b)
+
+
 def test_mask_keeper_keeps_pruned_weights_at_zero(mnist, mlpnet):
     train, _ = mnist
     report = cm.prune(mlpnet, train, 0.9, method="chita-bso", n_grads=200)
