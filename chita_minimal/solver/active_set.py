@@ -45,8 +45,8 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
 
     ``fast=True`` (opt-in; the default keeps the iterates the book's chapters were computed with):
     the same algorithm with less work per round — L_A by a power iteration warm-started from the
-    previous round's top singular vector, to a relative change of 1e-3, instead of 30 products from a
-    random start; X_A kept while A does not grow; the residual of the round's point taken from X_A;
+    previous round's top singular vector (in the first round from X_Aᵀ1, the summed per-sample
+    gradients), to a relative change of 1e-3, instead of 30 products from a random start; X_A kept while A does not grow; the residual of the round's point taken from X_A;
     every X·v of the full-space trials computed as X_A v_A plus the few columns outside A; the
     halvings started one above the step that worked last round, and tried last after a round where
     none worked. In the line searches, the residual of a thresholded candidate comes from the columns
@@ -56,7 +56,8 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
     of a few coordinates from a settled support (``refit`` of :func:`chita_minimal.solver.iht.iht`), and
     after a move of step 3 or 4 that stays inside A (a swap, typically) the exact solve on the new
     support, from which step 2 is skipped (its first trials are support changes inside A, which step 3
-    tries too). The refits keep the n×n system of the Woodbury solve factorised and correct it for the
+    tries too) and the best swap of step 4 is tried before step 3's line search (which gains next to
+    nothing from an exact solve, where the gradient vanishes on the support). The refits keep the n×n system of the Woodbury solve factorised and correct it for the
     columns that entered and left (:class:`chita_minimal.solver.gram.SupportGram`, carried over when A
     grows); the final polish reuses the last refit. The path differs by rounding, by L_A and by the
     refits, so the result does too (measured on MLPNet, n = 1000, sparsity 0.5…0.98, l2 1e-3 and 0.1:
@@ -103,9 +104,10 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
             if fast and carried[1] is not None:  # A grew by a few columns: its refits go on from the same factor
                 sub._support_gram = carried[1].moved(sub.X, torch.searchsorted(idx, carried[0]))
             if fast and len(idx) < p:  # L_A warm-started from the last round's top singular vector
-                sub.lipschitz(start=_warm_start(previous, idx), rtol=rtol)
+                sub.lipschitz(start=_warm_start(previous, idx, sub), rtol=rtol)
                 previous = (idx, sub.power_vector)
             sub_pattern = None if pattern is None else pattern.restrict(idx)
+        from_exact = exact
         if exact:  # fast: w is the exact solve on its support (a refit after a move inside A); step 2's first
             w_sub, exact = w[idx], False  # trials would be support changes inside A, which step 3 tries too
         else:
@@ -136,11 +138,18 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
             if fast:  # the next round starts one halving above the step that worked (not from 2/L_A again)
                 halving = max(0, accepted[3] - 1)
             accepted = accepted[:3]
-        w_ls, mask_ls, _, f_ls = line_search_step(full, w, r, f, k, tol, pattern=pattern, g=g, exact_changes=fast,
-                                                  batch_trials=batch)
-        if f_ls < f - tol * abs(f) and (accepted is None or f_ls < accepted[2]):
-            accepted = (w_ls, w_ls != 0, f_ls)
-        if accepted is None and swap_candidates > 0:
+        # fast: from an exact solve on its support, the line-search step gains next to nothing (the gradient
+        # vanishes on the support; measured: < 1e-7·f, against ~3e-5·f for the best swap, at a third of the cost),
+        # so the best swap is tried first there and the line search only when no swap pays
+        swap_first = fast and from_exact and accepted is None and swap_candidates > 0
+        if swap_first:
+            accepted = _best_swap(full, w, r, g, f, swap_candidates, tol, pattern)
+        if accepted is None or not swap_first:
+            w_ls, mask_ls, _, f_ls = line_search_step(full, w, r, f, k, tol, pattern=pattern, g=g,
+                                                      exact_changes=fast, batch_trials=batch)
+            if f_ls < f - tol * abs(f) and (accepted is None or f_ls < accepted[2]):
+                accepted = (w_ls, w_ls != 0, f_ls)
+        if accepted is None and swap_candidates > 0 and not swap_first:
             accepted = _best_swap(full, w, r, g, f, swap_candidates, tol, pattern)
         if accepted is None and skip_halving:
             accepted = _halving_step(full, w, g, f, k, tau, max_halvings, tol, pattern)
@@ -200,10 +209,13 @@ def _halving_step(problem, w, g, f, k, tau, max_halvings, tol, pattern, start: i
 _POWER_RTOL = 1e-3
 
 
-def _warm_start(previous, idx: torch.Tensor) -> torch.Tensor | None:
-    """The previous round's top singular vector of X_A, placed on the (larger) active set ``idx``."""
+def _warm_start(previous, idx: torch.Tensor, sub: Problem) -> torch.Tensor | None:
+    """The previous round's top singular vector of X_A, placed on the (larger) active set ``idx``; in the first
+    round X_Aᵀ1, the sum of the per-sample gradients: they share a direction, near which X_A's top singular
+    vector lies (on MLPNet at 0.5 / 0.9: 6 / 5 products to rtol instead of 11 / 20 from a random start)."""
     if previous is None:
-        return None
+        start = sub.rmatvec(torch.ones_like(sub.y))
+        return start if bool(start.any()) else None
     old_idx, v = previous
     start = torch.zeros(idx.numel(), dtype=v.dtype, device=v.device)
     start[torch.searchsorted(idx, old_idx)] = v  # A only grows: every old column is in idx

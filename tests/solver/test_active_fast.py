@@ -62,7 +62,7 @@ def test_a_warm_started_power_iteration_finds_the_lipschitz_constant_from_below(
     idx = torch.arange(0, 80, 2)
     small = Problem(X, w_bar, 0.1).restrict(idx)
     small.lipschitz()
-    start = _warm_start((idx, small.power_vector), torch.arange(80))
+    start = _warm_start((idx, small.power_vector), torch.arange(80), Problem(X, w_bar, 0.1))
     assert torch.equal(start[idx], small.power_vector) and not bool(start[1::2].any())
     warm = Problem(X, w_bar, 0.1)
     warm.lipschitz(start=start, rtol=1e-3)
@@ -70,6 +70,28 @@ def test_a_warm_started_power_iteration_finds_the_lipschitz_constant_from_below(
     # it is within 1 % here, and the step sizes that use it are all checked against f
     assert 0.99 * true <= warm.lipschitz() <= true * (1 + 1e-12)
     assert 0.999 * true <= cold <= true * (1 + 1e-12)
+
+
+def test_the_first_round_starts_the_power_iteration_from_the_summed_gradients():
+    """Per-sample gradients share a direction: started from X_Aᵀ1, the power iteration reaches L (to 1 %) in
+    fewer products than from a random vector; X_Aᵀ1 = 0 falls back to the random start."""
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(60, 300, generator=g, dtype=torch.float64) + 0.5 * torch.randn(300, generator=g, dtype=torch.float64)
+    w_bar = torch.randn(300, generator=g, dtype=torch.float64)
+    true = 1.05 * (float(torch.linalg.matrix_norm(X, 2)) ** 2 + 2 * Problem(X, w_bar, 0.1).lam)
+    products = {}
+    for name in ("summed", "random"):
+        problem = Problem(X, w_bar, 0.1)
+        start = _warm_start(None, torch.arange(300), problem) if name == "summed" else None
+        if name == "summed":
+            torch.testing.assert_close(start, X.sum(0))
+        calls = []
+        matvec = problem.matvec
+        problem.matvec = lambda v: calls.append(1) or matvec(v)
+        assert 0.99 * true <= problem.lipschitz(start=start, rtol=1e-3) <= true * (1 + 1e-12)
+        products[name] = len(calls)
+    assert products["summed"] < products["random"]
+    assert _warm_start(None, torch.arange(300), Problem(torch.zeros_like(X), w_bar, 0.1)) is None
 
 
 def test_products_near_the_active_set_equal_the_full_products():
