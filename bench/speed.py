@@ -10,7 +10,8 @@ written plainly in numpy in the same process, so that a reader can check the rat
                backtracking line search on the step, the textbook form of Alg 3, same tolerance, ≤ 300 iterations)
   block        ResNet20 (shared checkpoint), n = 1000, blocks of 500 per layer, sparsity 0.7 / 0.8 / 0.9: the
                block backsolve of Alg 6 on a fixed support (rows block_fast: ``fast=True``) against
-               ``cm.solver.reference.block_backsolve`` (one ridge solve per block in a Python loop)
+               ``cm.solver.reference.block_backsolve`` (one ridge solve per block in a Python loop); rows
+               block_gram_floor: only gathering each block's kept columns and forming their Gram (no solve)
   iteration    one line-search IHT iteration (MLPNet, ResNet20, sparsity 0.9) in bare passes: the sequential line
                search against the sync-free one (``iht(..., sync_free=True)``, no host read in the loop)
   profile      where the active set's time goes at 0.9 (cProfile, cumulative; parts nest), in bare passes
@@ -33,6 +34,7 @@ import argparse  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import chita_minimal as cm  # noqa: E402
@@ -143,6 +145,18 @@ def main():
                  reference_iterations=1, speedup=round(ref / ours, 2),
                  objective=f"{block_objective(w):.6g}",
                  reference_objective=f"{block_objective(torch.from_numpy(w_ref).to(device)):.6g}")
+
+        def grams_only():  # the least any exact per-block solve does: gather each block's kept columns, form VᵀV
+            for a, width in spans:
+                kept = np.flatnonzero(sup[a:a + width])
+                if kept.size:
+                    V = Xn[:, a:a + width][:, kept]
+                    V.T @ V  # BLAS syrk
+
+        floor, _ = seconds(grams_only, repeats=3)
+        emit(what="block_gram_floor", net="resnet20", n=args.n, p=lay.p, sparsity=s, l2=l2, seconds=round(floor, 3),
+             bare_pass=round(bare, 5), passes=round(floor / bare, 1), iterations=1,
+             reference="gather + syrk of every block's kept columns, no solve")
     per_iteration("resnet20", X, w_bar, lay, emit, args.n)
     write_table(rows, args.out, device.type)
 
