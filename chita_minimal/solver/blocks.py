@@ -373,7 +373,7 @@ def block_ridge(X: torch.Tensor, w_bar: torch.Tensor, parts: list[torch.Tensor],
 
     ``fast=True`` (opt-in; the default keeps the rounding the book's chapters were computed with): on a CPU,
     for per-layer blocks in fp32/fp64, the same solves one block at a time (:func:`_block_ridge_sliced`) —
-    2-3x faster there; the two agree to rounding. Elsewhere it changes nothing.
+    1.4–2x faster there on ResNet20 (``bench/speed.py``); the two agree to rounding. Elsewhere it changes nothing.
     """
     n, p = X.shape
     dev = X.device

@@ -76,7 +76,8 @@ def test_the_first_round_starts_the_power_iteration_from_the_summed_gradients():
     """Per-sample gradients share a direction: started from X_Aᵀ1, the power iteration reaches L (to 1 %) in
     fewer products than from a random vector; X_Aᵀ1 = 0 falls back to the random start."""
     g = torch.Generator().manual_seed(5)
-    X = torch.randn(60, 300, generator=g, dtype=torch.float64) + 0.5 * torch.randn(300, generator=g, dtype=torch.float64)
+    shared = 0.5 * torch.randn(300, generator=g, dtype=torch.float64)  # the direction every row shares
+    X = torch.randn(60, 300, generator=g, dtype=torch.float64) + shared
     w_bar = torch.randn(300, generator=g, dtype=torch.float64)
     true = 1.05 * (float(torch.linalg.matrix_norm(X, 2)) ** 2 + 2 * Problem(X, w_bar, 0.1).lam)
     products = {}
