@@ -17,6 +17,8 @@ written plainly in numpy in the same process, so that a reader can check the rat
   profile      where the active set's time goes at 0.9 (cProfile, cumulative; parts nest), in bare passes
                (profile_fast: with ``fast=True``)
 
+Our solves are timed as the fastest of three runs (a 2-core VM's timings move by up to 2x within minutes), the
+references (10-100x longer runs) once, the bare pass as the median of seven.
 Columns: seconds (ours), passes (ours / bare pass), reference_seconds, speedup (reference / ours), objective
 and reference_objective (f of problem (P); lower is better). CSV: data/bench/speed.csv.
 Usage: python bench/speed.py [--device cuda] [--n 1000] [--quick]
@@ -97,7 +99,7 @@ def main():
             bare = cm.network.measure.bare_pass(X)
             ref, (w_ref, f_ref, it_ref) = seconds(lambda: cm.solver.reference.iht(Xn, wn, k, l2, max_iter=300))
             for what, fast in (("active_set", False), ("active_set_fast", True)):
-                ours, res = seconds(lambda: cm.solve(X, w_bar, k, l2=l2, method="active", fast=fast))
+                ours, res = seconds(lambda: cm.solve(X, w_bar, k, l2=l2, method="active", fast=fast), repeats=3)
                 emit(what=what, net="mlpnet", n=args.n, p=lay.p, sparsity=s, l2=l2, seconds=round(ours, 3),
                      bare_pass=round(bare, 5), passes=round(ours / bare, 1), iterations=res.iterations,
                      reference="numpy IHT + line search", reference_seconds=round(ref, 3),

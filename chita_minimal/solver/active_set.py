@@ -59,9 +59,10 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
     search (which gains next to nothing from an exact solve, where the gradient vanishes on the support). The
     refits keep the n×n system of the Woodbury solve factorised and correct it for the columns that entered and
     left (:class:`chita_minimal.solver.gram.SupportGram`, carried over when A grows); the final polish reuses the
-    last refit. The path differs by rounding, by L_A and by the refits, so the result does too (measured on
-    MLPNet, n = 1000, sparsity 0.5…0.98, l2 1e-3 and 0.1: objective 0.989–1.0009× the default's, 2–6× fewer bare
-    passes, ``bench/speed.py``).
+    last refit. No product is spent twice: a swap accepted by its closed-form gain goes straight to its refit, and
+    the residual of a refit, a line-search step or a halving goes on into the next round's IHT (``r0``). The path
+    differs by rounding, by L_A and by the refits, so the result does too (measured on MLPNet, n = 1000, sparsity
+    0.5…0.98, l2 1e-3 and 0.1: objective 0.989–1.0009× the default's, 2–6× fewer bare passes, ``bench/speed.py``).
 
     ``sync_free``: step 2's IHT with the line search decided on the device (no host read per iteration;
     :mod:`chita_minimal.solver.iht_sync_free`), for GPUs; not with ``fast`` (whose refits read the support) or
@@ -96,11 +97,13 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
     previous = None  # fast: (A, top singular vector of X_A) of the last restriction, the next L_A's warm start
     exact = False  # fast: w is the exact solve on its support, after a move inside A
     carried = (None, None)
+    r = None  # fast: the residual of w when a step below has it (saves a product with X_A)
     for _ in range(max_rounds):
         if sub is None:  # A is new (the first round, or it grew): restrict to it and estimate L_A
             idx = torch.nonzero(active).squeeze(1)
             sub = problem.restrict(idx)
             sub.gram_updates = fast
+            refitted = None  # fast: (support on A, w, r, f) of the last refit on this X_A
             if fast and carried[1] is not None:  # A grew by a few columns: its refits go on from the same factor
                 sub._support_gram = carried[1].moved(sub.X, torch.searchsorted(idx, carried[0]))
             if fast and len(idx) < p:  # L_A warm-started from the last round's top singular vector
@@ -111,9 +114,10 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
         if exact:  # fast: w is the exact solve on its support (a refit after a move inside A); step 2's first
             w_sub, exact = w[idx], False  # trials would be support changes inside A, which step 3 tries too
         else:
-            w_sub, _, sub_trace, it = iht(sub, k, w[idx], line_search=True, max_iter=max_iter, tol=tol,
-                                          pattern=sub_pattern, refit=refit, sync_free=sync_free,
-                                          exact_changes=fast, batch_trials=batch)
+            w_sub, _, sub_trace, it, r = iht(sub, k, w[idx], line_search=True, max_iter=max_iter, tol=tol,
+                                             pattern=sub_pattern, refit=refit, sync_free=sync_free,
+                                             exact_changes=fast, batch_trials=batch, r0=r if fast else None,
+                                             return_residual=True)
             iterations += it
             trace.extend(sub_trace if not trace else sub_trace[1:])
             w = torch.zeros_like(w)
@@ -124,8 +128,8 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
         # try to enlarge the active set with a full-space IHT step: τ = 2/L_A, halved until f
         # decreases, and the line-search step of Alg 2 on the full problem; the better one wins.
         # fast: one Xᵀr on all p columns; every X·v below goes through X_A plus the few columns outside A.
-        if fast:  # w vanishes outside A: sub's residual is the full problem's
-            full, r = _NearA(problem, sub, idx, active, rtol), sub.residual(w_sub)
+        if fast:  # w vanishes outside A: sub's residual (from step 2, or the refit) is the full problem's
+            full = _NearA(problem, sub, idx, active, rtol)
         else:
             full, r = problem, problem.residual(w)
         g = problem.gradient(w, r)
@@ -136,33 +140,41 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
         skip_halving = fast and accepted is None
         if accepted is not None:
             if fast:  # the next round starts one halving above the step that worked (not from 2/L_A again)
-                halving = max(0, accepted[3] - 1)
-            accepted = accepted[:3]
+                halving = max(0, accepted[4] - 1)
+            accepted = accepted[:4]
         # fast: from an exact solve on its support, the line-search step gains next to nothing (the gradient
         # vanishes on the support; measured: < 1e-7·f, against ~3e-5·f for the best swap, at a third of the cost),
         # so the best swap is tried first there and the line search only when no swap pays
         swap_first = fast and from_exact and accepted is None and swap_candidates > 0
         if swap_first:
-            accepted = _best_swap(full, w, r, g, f, swap_candidates, tol, pattern)
+            accepted = _best_swap(full, w, r, g, f, swap_candidates, tol, pattern, evaluate=False)
         if accepted is None or not swap_first:
-            w_ls, mask_ls, _, f_ls = line_search_step(full, w, r, f, k, tol, pattern=pattern, g=g,
-                                                      exact_changes=fast, batch_trials=batch)
+            w_ls, mask_ls, r_ls, f_ls = line_search_step(full, w, r, f, k, tol, pattern=pattern, g=g,
+                                                         exact_changes=fast, batch_trials=batch)
             if f_ls < f - tol * abs(f) and (accepted is None or f_ls < accepted[2]):
-                accepted = (w_ls, w_ls != 0, f_ls)
+                accepted = (w_ls, w_ls != 0, f_ls, r_ls)
         if accepted is None and swap_candidates > 0 and not swap_first:
-            accepted = _best_swap(full, w, r, g, f, swap_candidates, tol, pattern)
+            accepted = _best_swap(full, w, r, g, f, swap_candidates, tol, pattern, evaluate=not fast)
         if accepted is None and skip_halving:
             accepted = _halving_step(full, w, g, f, k, tau, max_halvings, tol, pattern)
-            accepted = None if accepted is None else accepted[:3]
+            accepted = None if accepted is None else accepted[:4]
         if accepted is None:
             break
-        w, mask, f_new = accepted
+        w, mask, f_new = accepted[:3]
+        r = accepted[3] if fast and len(accepted) > 3 else None  # the line-search step's residual
         inside = not bool((mask & ~active).any())
         if fast and inside and pattern is None:  # a swap or a step inside A: the exact solve on its support
-            w_ridge = sub.ridge(mask[idx])  # (a few columns away from the last refit: cheap, SupportGram)
-            f_ridge = sub.objective(w_ridge)
-            if f_ridge < f_new:
-                w, f_new, exact = _embed(w_ridge, idx, p), f_ridge, True
+            if refitted is None or not torch.equal(refitted[0], mask[idx]):  # (else: the same support as last time)
+                w_ridge = sub.ridge(mask[idx])  # (a few columns away from the last refit: cheap, SupportGram)
+                r_ridge = sub.residual(w_ridge)
+                refitted = (mask[idx], w_ridge, r_ridge, sub.objective(w_ridge, r_ridge))
+            _, w_ridge, r_ridge, f_ridge = refitted
+            # f_new None: a swap accepted by its closed-form gain, whose refit is the minimiser on the same support
+            if f_new is None or f_ridge < f_new:
+                w, f_new, r, exact = _embed(w_ridge, idx, p), f_ridge, r_ridge, True
+        if f_new is None:
+            r = full.residual(w)
+            f_new = full.objective(w, r)
         trace.append(f_new)
         iterations += 1
         if inside:
@@ -195,12 +207,13 @@ def _embed(v: torch.Tensor, idx: torch.Tensor, p: int) -> torch.Tensor:
 
 def _halving_step(problem, w, g, f, k, tau, max_halvings, tol, pattern, start: int = 0):
     """The first of w' = H_k(w − τg), τ = τ₀/2^j for j = start … max_halvings, that lowers f (by more than
-    tol·|f|). Returns (w', mask, f', j) or None."""
+    tol·|f|). Returns (w', mask, f', r', j) or None (r': the residual of w')."""
     for j in range(start, max_halvings + 1):
         w_new, mask = project(w - (tau * 0.5**j) * g, k, pattern)
-        f_new = problem.objective(w_new)
+        r_new = problem.residual(w_new)
+        f_new = problem.objective(w_new, r_new)
         if f_new < f - tol * abs(f):
-            return w_new, mask, f_new, j
+            return w_new, mask, f_new, r_new, j
     return None
 
 
@@ -267,7 +280,7 @@ class _NearA:
         return self._problem.objective(w, self.residual(w) if r is None else r)
 
 
-def _best_swap(problem: Problem, w, r, g, f, m: int, tol: float, pattern=None):
+def _best_swap(problem: Problem, w, r, g, f, m: int, tol: float, pattern=None, evaluate: bool = True):
     """Best swap i ∈ S → j ∉ S with the other weights fixed, in closed form.
 
     Removing i changes f by  c_i = rᵀX_i w_i + ½‖X_i‖²w_i² + λ(w̄_i² − (w_i − w̄_i)²) − α_i w_i;
@@ -275,7 +288,9 @@ def _best_swap(problem: Problem, w, r, g, f, m: int, tol: float, pattern=None):
     b = X_jᵀ(r + X_i w_i) + 2λ w̄_j − α_j (t = b/a). With an N:M ``pattern`` only swaps
     within one group are allowed (i is a kept weight of j's group), and when none lowers f with
     the other weights fixed, the best one is refit exactly (the ridge solve of Alg 5 on the swapped
-    support, one solve) and taken if that lowers f. Returns (w, support, f) or None.
+    support, one solve) and taken if that lowers f. Returns (w, support, f) or None; f is None when
+    ``evaluate=False`` and the swap is taken by its closed-form gain (the caller refits it, or evaluates it:
+    one product with X saved).
     """
     S = torch.nonzero(w).squeeze(1)
     out = torch.nonzero(w == 0).squeeze(1)
@@ -315,7 +330,7 @@ def _best_swap(problem: Problem, w, r, g, f, m: int, tol: float, pattern=None):
     w_new[I[i]] = 0.0
     w_new[J[j]] = b[j, i] / a[j]
     if change < -tol * abs(f):
-        return w_new, w_new != 0, problem.objective(w_new)
+        return w_new, w_new != 0, problem.objective(w_new) if evaluate else None
     # N:M: with the other weights fixed no swap pays; refit the best one exactly on its support (Alg 5)
     w_new = problem.ridge(pattern.support_of(w_new))
     f_new = problem.objective(w_new)

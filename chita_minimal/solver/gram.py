@@ -45,6 +45,7 @@ class SupportGram:
         self.X, self.lam2, self.max_rank = X, float(lam2), max_rank
         self.base = None  # S₀ (bool mask), its Gram K₀ = X_S₀ X_S₀ᵀ and the Cholesky factor of K₀ + 2λI
         self._K = self._L = None
+        self._solved = None
 
     def _columns(self, mask: torch.Tensor) -> torch.Tensor:
         return self.X.index_select(1, torch.nonzero(mask).squeeze(1))
@@ -71,6 +72,7 @@ class SupportGram:
             A.diagonal().add_(self.lam2)
             L = torch.linalg.cholesky(A)
         self.base, self._K, self._L = support.clone(), K, L
+        self._solved = None  # column j -> A₀⁻¹X_j (:meth:`_base_solves`)
 
     def moved(self, X: torch.Tensor, positions: torch.Tensor) -> "SupportGram":
         """The same factorised system for a matrix X that holds this one's columns at ``positions`` (column j here
@@ -93,11 +95,24 @@ class SupportGram:
         if changed.numel() > self.max_rank:
             self._rebase(support, into, out, changed.numel())
             return torch.cholesky_solve(b, self._L).squeeze(-1)
-        z0 = torch.cholesky_solve(b, self._L)
         if changed.numel() == 0:
-            return z0.squeeze(-1)
+            return torch.cholesky_solve(b, self._L).squeeze(-1)
         U = self.X.index_select(1, changed).double()  # (n, m): the columns that entered and left
+        z0, Y = self._base_solves(b, U, changed)  # A₀⁻¹b, A₀⁻¹U
         D = torch.where(into[changed], 1.0, -1.0).to(U)  # +1 entered, −1 left
-        Y = torch.cholesky_solve(U, self._L)  # A₀⁻¹U
         capacitance = torch.diag(D) + U.T @ Y  # D⁻¹ = D for entries ±1
         return (z0 - Y @ torch.linalg.solve(capacitance, U.T @ z0)).squeeze(-1)
+
+    def _base_solves(self, b: torch.Tensor, U: torch.Tensor, changed: torch.Tensor):
+        """A₀⁻¹b and A₀⁻¹U for the columns U = X[:, changed], in one triangular solve with L (which is read from
+        memory once for all right-hand sides: at n = 1000 the solve is memory-bound). A₀⁻¹X_j is kept for every
+        column j solved since the last rebase: successive supports of a walk of swaps share most changed columns,
+        so each solve is for b and the columns new since the last call."""
+        if self._solved is None:
+            self._solved = {}
+        ids = changed.tolist()
+        fresh = [i for i, j in enumerate(ids) if j not in self._solved]
+        sol = torch.cholesky_solve(torch.cat([b, U[:, fresh]], 1), self._L)
+        for i, column in zip(fresh, sol[:, 1:].T):
+            self._solved[ids[i]] = column
+        return sol[:, :1], torch.stack([self._solved[j] for j in ids], 1)

@@ -225,7 +225,8 @@ def fixed_step(problem: Problem, w, r, f, k, tol, cg=None, pattern=None, exact_c
 
 def iht(problem: Problem, k: int | None, w0: torch.Tensor | None = None, *, line_search: bool = True,
         max_iter: int = 500, tol: float = 1e-7, pattern=None, refit: int | None = None, sync_free: bool = False,
-        exact_changes: bool = False, batch_trials: bool = False):
+        exact_changes: bool = False, batch_trials: bool = False, r0: torch.Tensor | None = None,
+        return_residual: bool = False):
     """IHT for (P) (Alg 3); step size by line search (Alg 2) or fixed 1/L.
 
     Starts from ``w0`` thresholded to k (default H_k(w̄), the magnitude-pruning
@@ -244,7 +245,9 @@ def iht(problem: Problem, k: int | None, w0: torch.Tensor | None = None, *, line
 
     ``exact_changes``: the residual of a thresholded trial step from the columns that entered or
     left the support (:func:`_threshold_step`); ``batch_trials``: the support-changing candidates of
-    the line search in batches (:func:`_trial_steps`).
+    the line search in batches (:func:`_trial_steps`). ``r0``: the residual y − X w0 when the caller has it
+    (w0 with at most k nonzeros, which the start's thresholding keeps as it is); ``return_residual``: also
+    return the residual of the result, (w, support, trace, iterations, r) — both save a product with X.
 
     ``sync_free``: the line search decided on the device, with no host read inside the loop
     (:mod:`chita_minimal.solver.iht_sync_free`): the same steps, for GPUs, where a read-back per trial costs
@@ -259,12 +262,13 @@ def iht(problem: Problem, k: int | None, w0: torch.Tensor | None = None, *, line
         if unsupported:
             raise ValueError(f"sync_free=True does not support {' or '.join(unsupported)}: it needs the line search "
                              "on a dense X with a global top-k and no refit")
-        return iht_sync_free(problem, k, w0, max_iter=max_iter, tol=tol)
+        out = iht_sync_free(problem, k, w0, max_iter=max_iter, tol=tol)
+        return (*out, problem.residual(out[0])) if return_residual else out
     if pattern is not None:
         k = pattern.check_k(k)
     start = problem.w_bar if w0 is None else w0
     w, support = project(start, k, pattern)
-    r = problem.residual(w)
+    r = problem.residual(w) if r0 is None else r0
     f = problem.objective(w, r)
     trace = [f]
     step = line_search_step if line_search else fixed_step
@@ -294,4 +298,4 @@ def iht(problem: Problem, k: int | None, w0: torch.Tensor | None = None, *, line
         f = f_new
         if converged:
             break
-    return w, support_of(w, k, pattern), trace, it
+    return (w, support_of(w, k, pattern), trace, it) + ((r,) if return_residual else ())

@@ -164,6 +164,7 @@ class Problem:
     # Set by the active set's fast mode on its restricted problems: successive exact solves on supports that
     # differ in a few coordinates reuse the factorised n×n system of the Woodbury form (SupportGram).
     gram_updates = False
+    _DENSE_UPDATE_COLUMNS = 64  # past this many changed columns, the right-hand side is formed again (one product)
 
     def _ridge_by_gram_updates(self, support: torch.Tensor) -> torch.Tensor | None:
         """The Woodbury solve of :func:`ridge_on_support` with the n×n system kept factorised between calls and
@@ -175,16 +176,26 @@ class Problem:
             return None
         if getattr(self, "_support_gram", None) is None:
             self._support_gram = SupportGram(self.X, lam2)
-        zero = torch.zeros_like(self.w_bar)
-        w_bar_S = torch.where(support, self.w_bar, zero)
-        rhs = (self.y - self.matvec(w_bar_S)).double()
-        if self.alpha is not None:
-            rhs += self.matvec(torch.where(support, self.alpha, zero)).double() / lam2
-        z = self._support_gram.solve(support, rhs).to(self.X.dtype)
+        z = self._support_gram.solve(support, self._woodbury_rhs(support, lam2)).to(self.X.dtype)
         delta = self.rmatvec(z)
         if self.alpha is not None:
             delta -= self.alpha / lam2
-        return torch.where(support, self.w_bar + delta, zero)
+        return torch.where(support, self.w_bar + delta, torch.zeros_like(self.w_bar))
+
+    def _woodbury_rhs(self, support: torch.Tensor, lam2: float) -> torch.Tensor:
+        """r₀ + X_S α_S / 2λ = y − X_S c_S with c = w̄ − α/2λ, in fp64 (the right-hand side of the n×n system). From
+        the last one by the columns that entered and left S when they are few (refits one swap apart), else by one
+        product with X."""
+        c = self.w_bar if self.alpha is None else self.w_bar - self.alpha / lam2
+        last = getattr(self, "_last_rhs", None)
+        changed = None if last is None else torch.nonzero(last[0] != support).squeeze(1)
+        if changed is not None and changed.numel() <= self._DENSE_UPDATE_COLUMNS:
+            signed = torch.where(support[changed], c[changed], -c[changed])  # entered: −X_j c_j; left: +X_j c_j
+            rhs = last[1] - self.matvec_cols(changed, signed).double() if changed.numel() else last[1]
+        else:
+            rhs = (self.y - self.matvec(torch.where(support, c, torch.zeros_like(c)))).double()
+        self._last_rhs = (support.clone(), rhs)
+        return rhs
 
     # -- the quadratic -----------------------------------------------------------------
     def residual(self, w: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,12 @@
 
 Recorded once with the code as it stood before the re-arrangement (``CHITA_RECORD_GOLDEN=1 pytest
 tests/methods/test_golden.py`` writes ``tests/methods/golden/golden.json``); afterwards the same calls through the
-public API must give the same accuracy (exactly) and objective (1e-6 relative).
+public API must give the same accuracy and objective. On the recording machine they agreed to the bit; on another
+CPU the BLAS kernels round differently and the iterative solvers' discrete choices (which coordinate is swapped,
+where the support settles) can go another way: on an AMD EPYC (Zen 4, AVX-512) MLPNet CHITA ends at f = 7.8967
+instead of 7.9046 (0.1 % lower) with 92.68 % instead of 92.63 %, and ResNet20's chita-block 3e-6 relative apart.
+So the check allows what a different rounding can move — objective 0.5 % relative, accuracy 0.3 points — and
+nothing like what a wrong mask, a lost term or a swapped argument does (tens of percent, several points).
 
 MLPNet (seed 0, n = 1000, sparsity 0.9): every method of the MLPNet chapter; accuracy on the MNIST
 test set. ResNet20, CHITA-block at 0.8 (n = 1000, blocks of 500): accuracy on a fixed 2,000-image
@@ -22,6 +27,7 @@ import chita_minimal as cm
 from conftest import needs_cifar, needs_mnist
 
 GOLDEN = Path(__file__).parent / "golden" / "golden.json"
+OBJECTIVE_REL, ACCURACY_POINTS = 5e-3, 0.3  # what rounding on another CPU can move (module docstring)
 RECORD = os.environ.get("CHITA_RECORD_GOLDEN") == "1"
 
 # label -> (method, options): the MLPNet chapter's methods (WF and CBS with Fisher blocks of 100)
@@ -63,11 +69,12 @@ def _check(golden, key, accuracy, objective):
         GOLDEN.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
         return
     want = golden[key]
-    assert accuracy == want["accuracy"], f"{key}: accuracy {accuracy} != golden {want['accuracy']}"
+    assert abs(accuracy - want["accuracy"]) <= ACCURACY_POINTS / 100, \
+        f"{key}: accuracy {accuracy} != golden {want['accuracy']}"
     if want["objective"] is None:
         assert objective is None
     else:
-        assert objective == pytest.approx(want["objective"], rel=1e-6, abs=0), key
+        assert objective == pytest.approx(want["objective"], rel=OBJECTIVE_REL, abs=0), key
 
 
 @needs_mnist

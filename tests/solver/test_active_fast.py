@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from chita_minimal.solver.active_set import _NearA, _warm_start, active_set
+from chita_minimal.solver.active_set import _best_swap, _NearA, _warm_start, active_set
 from chita_minimal.solver.iht import hard_threshold
 from chita_minimal.solver.patterns import NM
 from chita_minimal.solver.problem import Problem, ridge_on_support
@@ -174,3 +174,40 @@ def test_fast_path_on_the_block_diagonal_problem():
     fast = solve(X, w_bar, 30, l2=0.05, method="block-iht", blocks=3, fast=True)
     assert int(fast.support.sum()) == 30 and fast.nnz <= 30
     assert fast.trace[-1] <= plain.trace[-1] * (1 + 1e-3)  # the block problem's objective
+
+
+def test_refits_one_swap_apart_update_the_right_hand_side_by_the_swapped_columns(monkeypatch):
+    """The Woodbury right-hand side y − X_S(w̄ − α/2λ)_S of a refit one swap away from the last comes from the two
+    swapped columns (no product with all of X) and equals the one formed afresh."""
+    n, p = 20, 60
+    X, w_bar = random_problem(n=n, p=p, seed=6)
+    alpha = 0.1 * torch.randn(p, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    problem = Problem(X, w_bar, 0.05, alpha)
+    problem.gram_updates = True
+    support = _mask(p, range(40))
+    problem.ridge(support)
+    full_products = []
+    monkeypatch.setattr(problem, "matvec", lambda v: full_products.append(v) or X @ v)
+    support = support.clone()
+    support[3], support[50] = False, True
+    w = problem.ridge(support)
+    assert not full_products  # the right-hand side from columns 3 and 50
+    torch.testing.assert_close(w, ridge_on_support(Problem(X, w_bar, 0.05, alpha), support), rtol=1e-10, atol=1e-10)
+    lam2 = 2 * problem.lam
+    fresh = problem.y - X[:, support] @ (w_bar - alpha / lam2)[support]
+    torch.testing.assert_close(problem._last_rhs[1], fresh, rtol=1e-12, atol=1e-12)
+
+
+def test_a_swap_taken_by_its_closed_form_gain_is_the_same_swap():
+    """``evaluate=False`` (the fast path, which refits the swap at once): the same swapped point as the evaluated
+    swap, and f left to the caller; the evaluated f is lower than f by more than tol."""
+    X, w_bar = random_problem(n=30, p=40, seed=2)
+    problem = Problem(X, w_bar, 0.01)
+    w = solve(X, w_bar, 10, l2=0.01, method="backsolve").w
+    r = problem.residual(w)
+    f, g = problem.objective(w, r), problem.gradient(w, r)
+    evaluated = _best_swap(problem, w, r, g, f, 50, 1e-7)
+    closed = _best_swap(problem, w, r, g, f, 50, 1e-7, evaluate=False)
+    assert evaluated is not None and closed[2] is None
+    torch.testing.assert_close(closed[0], evaluated[0], rtol=0, atol=0)
+    assert evaluated[2] < f - 1e-7 * abs(f)

@@ -162,3 +162,25 @@ def test_the_line_search_on_batched_trials_takes_the_same_step(seed, l2):
         w = one[0]
     print(f"batched products: {batches}")
     assert batches  # the batched branch ran (candidates that swap more than 2 % of the coordinates)
+
+
+def test_support_gram_solves_each_changed_column_once_per_factorisation(monkeypatch):
+    """A walk of swaps that comes back to an earlier support: each solve's triangular solve is for b and the
+    columns changed for the first time since the factorisation (A₀⁻¹X_j is kept), and every solve stays exact."""
+    n, p = 20, 60
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(n, p, generator=g, dtype=torch.float64)
+    b = torch.randn(n, generator=g, dtype=torch.float64)
+    widths, real = [], torch.cholesky_solve
+    monkeypatch.setattr(torch, "cholesky_solve", lambda B, L: widths.append(B.shape[1]) or real(B, L))
+    gram = SupportGram(X, 0.3, max_rank=20)
+    base = torch.zeros(p, dtype=torch.bool)
+    base[:30] = True
+    walk = [base]
+    for out, into in ((0, 40), (1, 41)):  # two swaps, then back to the support after the first
+        walk.append(walk[-1].clone())
+        walk[-1][out], walk[-1][into] = False, True
+    walk.append(walk[1])
+    for support in walk:
+        torch.testing.assert_close(gram.solve(support, b), _direct(X, support, 0.3, b), rtol=1e-10, atol=1e-10)
+    assert widths == [1, 1 + 2, 1 + 2, 1]  # b alone; b, X_0, X_40; b, X_1, X_41; b (X_0, X_40 kept)

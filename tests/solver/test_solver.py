@@ -285,3 +285,16 @@ def test_active_set_refit_option_reaches_the_plain_optimum_on_a_settled_support(
     fast = solve(X, w_bar, 40, l2=1e-4, method="active", refit=3)
     assert fast.objective <= plain.objective * (1 + 1e-3)
     assert int(fast.support.sum()) == 40
+
+
+def test_iht_takes_and_returns_the_residual_of_its_iterates():
+    """``r0`` (the residual of the start, which the caller has) gives the same iterates as computing it;
+    ``return_residual`` returns y − Xw of the result (carried through the iterations and refits)."""
+    X, w_bar = random_problem(n=40, p=60, seed=3)
+    problem = Problem(X, w_bar, 0.01)
+    w0 = torch.where(hard_threshold(w_bar, 15), w_bar, torch.zeros_like(w_bar))
+    plain = iht(problem, 15, w0, refit=5)
+    w, support, trace, it, r = iht(problem, 15, w0, refit=5, r0=problem.residual(w0), return_residual=True)
+    torch.testing.assert_close(w, plain[0], rtol=0, atol=0)
+    assert trace == plain[2] and it == plain[3]
+    torch.testing.assert_close(r, problem.residual(w), rtol=1e-10, atol=1e-10)
