@@ -3,7 +3,10 @@
 The bare pair is the memory-bandwidth floor of an IHT iteration (each reads X once). A line-search
 iteration that keeps its support costs one X·d and one Xᵀr; one that changes the support also
 evaluates thresholded candidates (a gather or one more pass each). Both kinds are timed during a whole
-solve from the magnitude-pruning point. Prints a table and writes data/bench/solver.csv. Usage: python bench/solver.py [--device cuda] [--p 32360 270000 1000000]
+solve from the magnitude-pruning point. Then the whole solve per iteration, with the sequential line search
+against the sync-free one (``iht(..., sync_free=True)``: no host read per iteration, for GPUs; columns
+ratio_solve_sequential and ratio_solve_sync_free, in bare passes). Prints a table and writes data/bench/solver.csv.
+Usage: python bench/solver.py [--device cuda] [--p 32360 270000 1000000]
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 
 import chita_minimal as cm
 from _common import write_table
-from chita_minimal.solver.iht import line_search_step
+from chita_minimal.solver.iht import iht, line_search_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,12 +91,24 @@ def main():
                 break
         all_times = kept_times + changed_times
         kept = statistics.median(kept_times) if kept_times else float("nan")
+        # the whole solve, per iteration: the sequential line search (host reads per trial) against the sync-free
+        # one (every candidate step at once, selected on the device), both from the same point for args.iters
+        # iterations (tol = 0) with L cached
+        problem.lipschitz()
+        per_iter = {}
+        for label, sync_free in (("sequential", False), ("sync_free", True)):
+            out = []
+            sec = timeit(lambda: out.append(iht(problem, k, w, max_iter=args.iters, tol=0.0, sync_free=sync_free)),
+                         device, repeat=2)
+            per_iter[label] = sec / out[-1][3]
         row = dict(device=str(device), dtype="float32", n=args.n, p=p, sparsity=args.sparsity,
                    bare_pass_ms=round(1e3 * bare, 3), iter_support_kept_ms=round(1e3 * kept, 3),
                    ratio_support_kept=round(kept / bare, 3), iters_support_kept=len(kept_times),
                    iters_support_changed=len(changed_times),
                    iter_support_changed_ms=round(1e3 * statistics.mean(changed_times), 3) if changed_times else "",
                    ratio_mean_all_iters=round(statistics.mean(all_times) / bare, 3),
+                   ratio_solve_sequential=round(per_iter["sequential"] / bare, 3),
+                   ratio_solve_sync_free=round(per_iter["sync_free"] / bare, 3),
                    cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
         rows.append(row)
         print(" | ".join(f"{k}={v}" for k, v in row.items()), flush=True)
