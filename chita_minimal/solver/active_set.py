@@ -114,10 +114,11 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
         if exact:  # fast: w is the exact solve on its support (a refit after a move inside A); step 2's first
             w_sub, exact = w[idx], False  # trials would be support changes inside A, which step 3 tries too
         else:
-            w_sub, _, sub_trace, it, r = iht(sub, k, w[idx], line_search=True, max_iter=max_iter, tol=tol,
-                                             pattern=sub_pattern, refit=refit, sync_free=sync_free,
-                                             exact_changes=fast, batch_trials=batch, r0=r if fast else None,
-                                             return_residual=True)
+            out = iht(sub, k, w[idx], line_search=True, max_iter=max_iter, tol=tol, pattern=sub_pattern,
+                      refit=refit, sync_free=sync_free, exact_changes=fast, batch_trials=batch,
+                      r0=r if fast else None, return_residual=fast)
+            w_sub, sub_trace, it = out[0], out[2], out[3]
+            r = out[4] if fast else None  # fast: w_sub's residual, carried on below
             iterations += it
             trace.extend(sub_trace if not trace else sub_trace[1:])
             w = torch.zeros_like(w)
@@ -160,8 +161,7 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
             accepted = None if accepted is None else accepted[:4]
         if accepted is None:
             break
-        w, mask, f_new = accepted[:3]
-        r = accepted[3] if fast and len(accepted) > 3 else None  # the line-search step's residual
+        w, mask, f_new, r = accepted  # r: the residual of w (None for a swap taken by its closed-form gain)
         inside = not bool((mask & ~active).any())
         if fast and inside and pattern is None:  # a swap or a step inside A: the exact solve on its support
             if refitted is None or not torch.equal(refitted[0], mask[idx]):  # (else: the same support as last time)
@@ -288,9 +288,9 @@ def _best_swap(problem: Problem, w, r, g, f, m: int, tol: float, pattern=None, e
     b = X_jᵀ(r + X_i w_i) + 2λ w̄_j − α_j (t = b/a). With an N:M ``pattern`` only swaps
     within one group are allowed (i is a kept weight of j's group), and when none lowers f with
     the other weights fixed, the best one is refit exactly (the ridge solve of Alg 5 on the swapped
-    support, one solve) and taken if that lowers f. Returns (w, support, f) or None; f is None when
-    ``evaluate=False`` and the swap is taken by its closed-form gain (the caller refits it, or evaluates it:
-    one product with X saved).
+    support, one solve) and taken if that lowers f. Returns (w, support, f, r) or None, r the residual of w;
+    f and r are None when ``evaluate=False`` and the swap is taken by its closed-form gain (the caller refits
+    it, or evaluates it: one product with X saved).
     """
     S = torch.nonzero(w).squeeze(1)
     out = torch.nonzero(w == 0).squeeze(1)
@@ -329,9 +329,10 @@ def _best_swap(problem: Problem, w, r, g, f, m: int, tol: float, pattern=None, e
     w_new = w.clone()
     w_new[I[i]] = 0.0
     w_new[J[j]] = b[j, i] / a[j]
-    if change < -tol * abs(f):
-        return w_new, w_new != 0, problem.objective(w_new) if evaluate else None
-    # N:M: with the other weights fixed no swap pays; refit the best one exactly on its support (Alg 5)
-    w_new = problem.ridge(pattern.support_of(w_new))
-    f_new = problem.objective(w_new)
-    return (w_new, w_new != 0, f_new) if f_new < f - tol * abs(f) else None
+    if change < -tol * abs(f) and not evaluate:
+        return w_new, w_new != 0, None, None
+    if change >= -tol * abs(f):  # N:M: with the other weights fixed no swap pays; refit the best one exactly on
+        w_new = problem.ridge(pattern.support_of(w_new))  # its support (Alg 5)
+    r_new = problem.residual(w_new)
+    f_new = problem.objective(w_new, r_new)
+    return (w_new, w_new != 0, f_new, r_new) if f_new < f - tol * abs(f) else None

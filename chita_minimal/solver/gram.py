@@ -45,7 +45,7 @@ class SupportGram:
         self.X, self.lam2, self.max_rank = X, float(lam2), max_rank
         self.base = None  # S₀ (bool mask), its Gram K₀ = X_S₀ X_S₀ᵀ and the Cholesky factor of K₀ + 2λI
         self._K = self._L = None
-        self._solved = None
+        self._solved = {}  # column j -> A₀⁻¹X_j (:meth:`_base_solves`), since the last factorisation
 
     def _columns(self, mask: torch.Tensor) -> torch.Tensor:
         return self.X.index_select(1, torch.nonzero(mask).squeeze(1))
@@ -72,7 +72,7 @@ class SupportGram:
             A.diagonal().add_(self.lam2)
             L = torch.linalg.cholesky(A)
         self.base, self._K, self._L = support.clone(), K, L
-        self._solved = None  # column j -> A₀⁻¹X_j (:meth:`_base_solves`)
+        self._solved = {}
 
     def moved(self, X: torch.Tensor, positions: torch.Tensor) -> "SupportGram":
         """The same factorised system for a matrix X that holds this one's columns at ``positions`` (column j here
@@ -108,8 +108,6 @@ class SupportGram:
         memory once for all right-hand sides: at n = 1000 the solve is memory-bound). A₀⁻¹X_j is kept for every
         column j solved since the last rebase: successive supports of a walk of swaps share most changed columns,
         so each solve is for b and the columns new since the last call."""
-        if self._solved is None:
-            self._solved = {}
         ids = changed.tolist()
         fresh = [i for i, j in enumerate(ids) if j not in self._solved]
         sol = torch.cholesky_solve(torch.cat([b, U[:, fresh]], 1), self._L)

@@ -208,6 +208,7 @@ def test_a_swap_taken_by_its_closed_form_gain_is_the_same_swap():
     f, g = problem.objective(w, r), problem.gradient(w, r)
     evaluated = _best_swap(problem, w, r, g, f, 50, 1e-7)
     closed = _best_swap(problem, w, r, g, f, 50, 1e-7, evaluate=False)
-    assert evaluated is not None and closed[2] is None
+    assert evaluated is not None and closed[2] is None and closed[3] is None
     torch.testing.assert_close(closed[0], evaluated[0], rtol=0, atol=0)
     assert evaluated[2] < f - 1e-7 * abs(f)
+    torch.testing.assert_close(evaluated[3], problem.residual(evaluated[0]), rtol=0, atol=0)
