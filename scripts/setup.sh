@@ -23,7 +23,7 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[book,test]"
+.venv/bin/python -m pip install --quiet -c constraints.txt -e ".[book,test,llm]"
 
 # 2. MathJax, vendored from the npm registry ------------------------------------------------------------
 MATHJAX_VERSION=3.2.2

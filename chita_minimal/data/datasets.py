@@ -232,7 +232,8 @@ def load(name: str, split: str, *, root=None, normalization: str = "default", do
     """Load a data set split as a TensorDataset (images float32, labels int64).
 
     Args:
-        name: "mnist" or "cifar10".
+        name: "mnist" or "cifar10" (or "wikitext-2": then split is "valid" or "test" and the split's text is
+            returned as a str, see :mod:`chita_minimal.data.text`).
         split: "train" or "test".
         root: data folder to use (contains ``mnist/`` and/or ``cifar10/``); see the module
             docstring for the lookup order when it is None.
@@ -247,8 +248,12 @@ def load(name: str, split: str, *, root=None, normalization: str = "default", do
         TensorDataset of images (N, 1, 28, 28) for MNIST or (N, 3, 32, 32) for CIFAR-10,
         float32, and labels (N,) int64.
     """
+    if name == "wikitext-2":  # text for language models: the split's text as a str
+        from chita_minimal.data.text import load_text
+
+        return load_text(name, split, root=root, download=download)
     if not isinstance(name, str) or name not in DATASETS:
-        raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
+        raise ValueError(f"name must be one of {DATASETS + ('wikitext-2',)}, got {name!r}")
     if not isinstance(split, str) or split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if not isinstance(normalization, str) or normalization not in NORMALIZATIONS[name]:

@@ -12,6 +12,8 @@
 | ``woodfisher``, ``mfac``, ``cbs`` | WoodFisher, M-FAC, Combinatorial Brain Surgeon |
 | ``saliency`` | SNIP, first-order Taylor, L1-norm filters |
 | ``layerwise``, ``sparsegpt`` | SparseGPT/OBS layer-wise reconstruction, calibration Hessians, DP allocation; its method |
+| ``layer_method`` | ``LayerMethod``: a method that prunes one weight matrix; the sequential driver runs it over a model |
+| ``wanda``, ``alps``, ``chita_layer`` | Wanda and per-layer magnitude, ALPS, layer-wise CHITA (language models) |
 
 A new method is one module with a ``@register``-ed subclass of ``Method`` (see :mod:`.base`).
 """
@@ -26,7 +28,10 @@ from chita_minimal.methods.mfac import MFAC
 from chita_minimal.methods.cbs import CBS
 from chita_minimal.methods.saliency import SNIP, L1Filter, Taylor
 from chita_minimal.methods.sparsegpt import SparseGPT
+from chita_minimal.methods.wanda import MagnitudeLayer, Wanda
+from chita_minimal.methods.alps import ALPS
+from chita_minimal.methods.chita_layer import ChitaLayer
 
 __all__ = ["REGISTRY", "Method", "ModelMethod", "OptionError", "Settings", "Stage", "Step", "available", "get",
            "register", "table", "Chita", "ChitaIHT", "ChitaBSO", "ChitaBlock", "ChitaBlockIHT", "ChitaPlusPlus",
-           "Magnitude", "WoodFisher", "MFAC", "CBS", "SNIP", "Taylor", "L1Filter", "SparseGPT"]
+           "Magnitude", "WoodFisher", "MFAC", "CBS", "SNIP", "Taylor", "L1Filter", "SparseGPT", "Wanda", "MagnitudeLayer", "ALPS", "ChitaLayer"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,7 @@ from chita_minimal.network.evaluate import batches
 from chita_minimal.network.fisher import prepared
 from chita_minimal.network.params import owners
 from chita_minimal.report import Report
+from chita_minimal.solver.patterns import parse_pattern
 from chita_minimal.solver.problem import num_kept
 from chita_minimal.utils import check_int as _check_int
 from chita_minimal.utils import check_sparsity, renamed
@@ -45,13 +47,7 @@ def _round(x: float) -> int:
 
 
 def _check_pattern(pattern) -> tuple[int, int]:
-    if not (isinstance(pattern, (tuple, list)) and len(pattern) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in pattern)):
-        raise TypeError(f"pattern must be a tuple (n, m) of ints (keep n of every m), got {pattern!r}")
-    n, m = pattern
-    if not 1 <= n <= m:
-        raise ValueError(f"pattern (n, m) needs 1 <= n <= m, got {pattern!r}")
-    return n, m
+    return parse_pattern(pattern)
 
 
 def check_matrix(name: str, t, ndim: int = 2) -> None:
@@ -75,6 +71,23 @@ def unsupported(name: str, m: nn.Module | None, attr: str) -> str | None:
     if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
         return f"layer {name!r} uses padding_mode={m.padding_mode!r}; only 'zeros' is supported: exclude it via names"
     return None
+
+
+def supported_weights(model: nn.Module, who: str = "layer-wise pruning") -> list[str]:
+    """The default prunable weights a layer-wise method can reconstruct: those of Linear and ungrouped Conv2d
+    modules that are called as modules (their inputs are recorded with forward hooks); the others — attention
+    projections, which ``nn.MultiheadAttention`` applies as functions, and depthwise convs — stay dense,
+    with a warning naming them."""
+    default = owners(model, None)
+    in_attention = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    ok = [n for n, (m, attr) in default.items() if unsupported(n, m, attr) is None and id(m) not in in_attention]
+    skipped = [n for n in default if n not in ok]
+    if skipped:
+        warnings.warn(f"{who} reconstructs Linear and ungrouped Conv2d weights only; left dense: "
+                      + ", ".join(skipped), stacklevel=5)
+    if not ok:
+        raise ValueError(f"{who} found no Linear or ungrouped Conv2d weight to prune in this model")
+    return ok
 
 
 def layer_modules(model: nn.Module, names) -> dict[str, nn.Module]:

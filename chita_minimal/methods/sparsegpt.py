@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from chita_minimal.methods import layerwise
-from chita_minimal.methods.base import ModelMethod, dataset_size, register
+from chita_minimal.methods.base import dataset_size, register
+from chita_minimal.methods.layer_method import LayerMethod, has_decoder_blocks
 from chita_minimal.network import params
 from chita_minimal.report import PruneReport
 from chita_minimal.solver.patterns import parse_pattern
@@ -25,38 +26,24 @@ DP_GRID = (0.0, 0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.97, 0.9
 ALLOCATIONS = ("uniform", "dp")
 
 
-def _layer_weights(model) -> list[str]:
-    """The default prunable weights SparseGPT can reconstruct: those of Linear and ungrouped Conv2d modules
-    that are called as modules (it records their inputs with forward hooks); the others — attention
-    projections, which ``nn.MultiheadAttention`` applies as functions, and depthwise convs — stay dense,
-    with a warning naming them."""
-    default = params.owners(model, None)
-    in_attention = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
-    ok = [n for n, (m, attr) in default.items()
-          if layerwise.unsupported(n, m, attr) is None and id(m) not in in_attention]
-    skipped = [n for n in default if n not in ok]
-    if skipped:
-        warnings.warn("sparsegpt reconstructs Linear and ungrouped Conv2d weights only; left dense: "
-                      + ", ".join(skipped), stacklevel=5)
-    if not ok:
-        raise ValueError("sparsegpt found no Linear or ungrouped Conv2d weight to prune in this model")
-    return ok
-
-
 @register
 @dataclass
-class SparseGPT(ModelMethod):
+class SparseGPT(LayerMethod):
     """SparseGPT (Frantar & Alistarh 2023): layer-wise OBS reconstruction from calibration samples.
 
     allocation: "uniform" (the same sparsity in every layer), "dp" (SPDY-like dynamic programming
     over per-layer error tables on ``grid``; the achieved sparsity is then ≥ the target), or a dict
     name → sparsity. block_size, percdamp: of :func:`~chita_minimal.methods.layerwise.sparsegpt_layer`;
     sequential: calibrate each layer on the outputs of the already pruned layers before it.
+    n_samples: calibration samples; on a language model (decoder blocks) the sequential driver of every
+    layer-wise method runs, block by block, on at most 128 windows by default; on other models the default is
+    n_grads · batch_size (as before the option existed) and ``allocation``/``sequential`` apply.
     """
 
     name = "sparsegpt"
     summary = "SparseGPT: layer-wise OBS reconstruction from calibration samples (no gradients)"
     takes_pattern = True
+    n_samples: int | None = None
     allocation: str | dict = "uniform"
     grid: tuple = DP_GRID
     block_size: int = 128
@@ -72,18 +59,29 @@ class SparseGPT(ModelMethod):
         return super().create(**options)
 
     def check(self):
+        super().check()
         check_int("block_size", self.block_size)
         if not isinstance(self.allocation, dict) and self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be {' or '.join(map(repr, ALLOCATIONS))} or a dict name → sparsity, "
                              f"got {self.allocation!r}")
 
+    def prune_layer(self, W, stat, k, pattern):
+        sparsity = None if k is None else 1.0 - k / W.numel()  # num_kept(sparsity, numel) == k
+        return layerwise.sparsegpt_layer(W, stat.to(W.dtype), sparsity, pattern=pattern, block_size=self.block_size,
+                                         percdamp=self.percdamp)
+
     def prune_model(self, model, data, sparsity, settings) -> PruneReport:
-        n_samples = settings.n_grads * settings.batch_size
+        if has_decoder_blocks(model):
+            if self.allocation != "uniform" or self.sequential:
+                raise ValueError("on a language model sparsegpt prunes block by block with a uniform allocation; "
+                                 "allocation and sequential apply to other models")
+            return super().prune_model(model, data, sparsity, settings)
+        n_samples = self.n_samples or settings.n_grads * settings.batch_size
         pattern = settings.pattern
         size = dataset_size(data)
         if size < n_samples:
             raise ValueError(f"dataset has {size} samples but {n_samples} calibration samples are needed")
-        names = params.resolve(model, settings.names) if settings.names is not None else _layer_weights(model)
+        names = params.resolve(model, settings.names) if settings.names is not None else layerwise.supported_weights(model, 'sparsegpt')
         lay = params.layout(model, names)
         original = params.flatten(model, lay)
         allocation = self.allocation

@@ -126,7 +126,9 @@ def load_pretrained(name: str, *, root=None, device=None, download: bool = True)
     """A pretrained dense model of the paper, in eval mode.
 
     Args:
-        name: one of ``MODEL_NAMES`` ("mlpnet": MLPNet on MNIST; "resnet20": ResNet20 on CIFAR-10).
+        name: one of ``MODEL_NAMES`` ("mlpnet": MLPNet on MNIST; "resnet20": ResNet20 on CIFAR-10), or a
+            language model: "smollm2-135m" (SmolLM2-135M-Instruct, see :mod:`chita_minimal.models.language`) or
+            a Hugging Face hub name (needs the hub); its tokenizer: :func:`~chita_minimal.models.load_tokenizer`.
         root: folder holding the checkpoint file(s); see the module docstring for the
             lookup order when it is None.
         device: where to put the model (default CPU).
@@ -136,8 +138,14 @@ def load_pretrained(name: str, *, root=None, device=None, download: bool = True)
     Returns:
         The model with the checkpoint's weights (strictly matched), in eval mode.
     """
+    from chita_minimal.models import language
+
+    if isinstance(name, str) and (name in language.LANGUAGE_MODELS or "/" in name):
+        model = language.load_language_model(name, root=root, download=download)
+        return model if device is None else model.to(device)
     if not isinstance(name, str) or name not in MODEL_NAMES:
-        raise ValueError(f"name must be one of {MODEL_NAMES}, got {name!r}")
+        raise ValueError(f"name must be one of {MODEL_NAMES + language.LANGUAGE_MODELS} (or a Hugging Face hub "
+                         f"name such as 'facebook/opt-125m'), got {name!r}")
     path = _find_checkpoint(name, root, download)
     model = ARCHITECTURES[name]()
     model.load_state_dict(_state_dict(path), strict=True)

@@ -29,7 +29,7 @@ from torch.func import grad, vmap
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
-from chita_minimal.network import samples
+from chita_minimal.network import language, samples
 from chita_minimal.network.params import Layout, layout
 from chita_minimal.scale import distributed
 from chita_minimal.solver.problem import all_finite
@@ -246,9 +246,29 @@ def _setup(model, dataset, n, batch_size, params, seed, chunk_size, loss_fn, sha
     return dataset, lay, dtype, indices, n_total, bool(shard), chunk_size, loss_fn
 
 
+def default_loss(output, target):
+    """The loss when none is given: the output's own ``.loss`` where it carries one (a Hugging Face model given
+    labels); the shifted next-token cross-entropy for 3-d logits (B, T, V) and 2-d labels (B, T) (a causal LM);
+    else cross-entropy of the logits against the target. ValueError naming the shapes when they do not fit."""
+    own = getattr(output, "loss", None)
+    if isinstance(own, torch.Tensor):
+        return own
+    logits = samples.logits_of(output)
+    if logits.dim() == 3 and target.dim() == 2 and logits.shape[:2] == target.shape:
+        return language.next_token_loss(logits, target)
+    try:
+        return F.cross_entropy(logits, target)
+    except (RuntimeError, ValueError, IndexError) as err:
+        raise ValueError(f"the default loss (cross-entropy, or next-token cross-entropy for logits (B, T, V) with "
+                         f"labels (B, T)) does not fit the model's output of shape {tuple(logits.shape)} and the "
+                         f"target of shape {tuple(target.shape)}: pass loss_fn=... (and output_fn=...) ({err})") from None
+
+
 def loss_of(loss_fn=None, output_fn=None):
-    """``loss(output, target)``: ``loss_fn`` (default cross-entropy) on ``output_fn(output)``
-    (default :func:`~chita_minimal.network.samples.logits_of`)."""
+    """``loss(output, target)``: ``loss_fn`` on ``output_fn(output)`` (default
+    :func:`~chita_minimal.network.samples.logits_of`); without either, :func:`default_loss`."""
+    if loss_fn is None and output_fn is None:
+        return default_loss
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
     output_fn = samples.logits_of if output_fn is None else output_fn
 

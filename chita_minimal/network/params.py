@@ -34,24 +34,29 @@ def _check_model(model) -> None:
 
 def prunable_names(model: nn.Module, *, embeddings: bool = False) -> list[str]:
     """Default prunable set: every linear map's weight — the ``.weight`` of every Conv1d/2d/3d and
-    Linear module, and the input projections of ``nn.MultiheadAttention`` (``in_proj_weight``, or
-    ``q/k/v_proj_weight`` when the key/value sizes differ; its ``out_proj`` is a Linear). With
-    ``embeddings=True`` the ``.weight`` of ``nn.Embedding`` modules too (off by default: a pruned
-    embedding row removes a token, not a connection).
+    Linear module, GPT-2's ``Conv1D`` (a linear map stored in × out), and the input projections of
+    ``nn.MultiheadAttention`` (``in_proj_weight``, or ``q/k/v_proj_weight`` when the key/value sizes differ;
+    its ``out_proj`` is a Linear). Token embeddings and a language model's head (``get_output_embeddings()``,
+    tied to the embedding or not) stay dense unless ``embeddings=True``: a pruned embedding row removes a token,
+    and LLM pruning methods leave both dense.
 
     Names are as in ``model.named_parameters()`` and come in that order. A weight
     shared by several modules appears once (under its first name).
     """
+    from chita_minimal.network.language import embedding_weights, is_conv1d
+
     _check_model(model)
     ids = set()
     for m in model.modules():
-        if isinstance(m, _PRUNABLE_TYPES) or (embeddings and isinstance(m, nn.Embedding)):
+        if isinstance(m, _PRUNABLE_TYPES) or is_conv1d(m) or (embeddings and isinstance(m, nn.Embedding)):
             if isinstance(m.weight, nn.Parameter):
                 ids.add(id(m.weight))
         elif isinstance(m, nn.MultiheadAttention):
             for attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
                 if isinstance(getattr(m, attr, None), nn.Parameter):
                     ids.add(id(getattr(m, attr)))
+    if not embeddings:
+        ids -= embedding_weights(model)
     return [name for name, prm in model.named_parameters() if id(prm) in ids]
 
 

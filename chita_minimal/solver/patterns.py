@@ -21,9 +21,14 @@ import torch
 
 
 def parse_pattern(spec) -> tuple[int, int]:
-    """``"2:4"`` → ``(2, 4)``: N kept out of every M, with 1 ≤ N < M."""
+    """The one N:M type of the package: ``"2:4"`` or ``(2, 4)`` → ``(2, 4)``, N kept out of every M, 1 ≤ N < M.
+    Every entry point that takes a pattern (``prune``, ``layerwise_prune``, the layer solvers) reads it here."""
+    if isinstance(spec, (tuple, list)) and len(spec) == 2:
+        n, m = spec
+        _check_nm(n, m)
+        return n, m
     if not isinstance(spec, str):
-        raise TypeError(f"pattern must be a string such as '2:4', got {type(spec).__name__}")
+        raise TypeError(f"pattern must be 'N:M' (e.g. '2:4') or a pair (N, M), got {spec!r}")
     parts = spec.strip().split(":")
     try:
         if len(parts) != 2:

@@ -58,10 +58,18 @@ def test_parse_pattern_bad_strings(spec):
         parse_pattern(spec)
 
 
-@pytest.mark.parametrize("spec", [2, (2, 4), None])
-def test_parse_pattern_needs_a_string(spec):
+@pytest.mark.parametrize("spec", [2, None, b"2:4", (2, 4, 8)])
+def test_parse_pattern_needs_a_string_or_a_pair(spec):
     with pytest.raises(TypeError, match="pattern"):
         parse_pattern(spec)
+
+
+def test_parse_pattern_one_type_for_strings_and_pairs():
+    assert parse_pattern((2, 4)) == parse_pattern([2, 4]) == parse_pattern("2:4") == (2, 4)
+    with pytest.raises(ValueError, match="N"):
+        parse_pattern((4, 4))
+    with pytest.raises(TypeError, match="int"):
+        parse_pattern((2.0, 4))
 
 
 @pytest.mark.parametrize("args,exc,word", [

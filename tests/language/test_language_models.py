@@ -1,0 +1,198 @@
+"""Language models through prune(): the loss adapter, Conv1D, embeddings and LM head left dense, the layer-wise
+methods and their sequential driver, perplexity, token windows, and clear errors (model untouched)."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+import chita_minimal as cm
+from chita_minimal.data.text import token_windows
+from chita_minimal.network import language, sequential
+from chita_minimal.network.fisher import default_loss
+from chita_minimal.network.params import prunable_names
+
+from tiny_lms import VOCAB, tiny, windows
+
+LAYER_METHODS = ["mp-layer", "wanda", "sparsegpt", "alps", "chita-layer"]
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_conv1d_is_prunable_and_embeddings_and_head_stay_dense():
+    gpt2 = tiny("gpt2")
+    names = prunable_names(gpt2)
+    assert "transformer.h.0.attn.c_attn.weight" in names and "transformer.h.1.mlp.c_proj.weight" in names
+    assert not any("wte" in n or "wpe" in n or "lm_head" in n for n in names)
+    assert any("wte" in n for n in prunable_names(gpt2, embeddings=True))
+    opt = tiny("opt")
+    assert not any("embed" in n or "lm_head" in n for n in prunable_names(opt))
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt", "gpt2"])
+def test_chita_prunes_the_blocks_with_the_next_token_loss(kind):
+    model = tiny(kind)
+    data = windows(4, 8)
+    emb = {n: p.clone() for n, p in model.named_parameters() if "emb" in n or "wte" in n or "wpe" in n}
+    rep = cm.prune(model, data, 0.5, "chita-iht", n_grads=4)
+    assert abs(rep.achieved - 0.5) < 1e-3
+    assert all(s > 0.3 for s in rep.layer_sparsity.values())  # every block's maps, not the embedding
+    for n, p in model.named_parameters():
+        if n in emb:
+            assert torch.equal(p, emb[n])
+    assert "lm_head.weight" not in rep.layer_sparsity
+
+
+def test_default_loss_next_token_and_own_loss_and_clear_error():
+    logits = torch.randn(2, 5, 7)
+    labels = torch.randint(0, 7, (2, 5))
+    direct = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1))
+    assert torch.allclose(default_loss(logits, labels), direct)
+
+    class Out:
+        loss = torch.tensor(3.0)
+
+    assert float(default_loss(Out(), labels)) == 3.0
+    with pytest.raises(ValueError, match="loss_fn"):
+        default_loss(torch.randn(2, 5, 7), torch.randint(0, 7, (3,)))
+
+
+def test_perplexity_equals_a_direct_computation():
+    model = tiny("llama")
+    data = windows(3, 10)
+    ids = data.ids
+    with torch.no_grad():
+        logits = model(ids).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+    assert math.isclose(language.perplexity(model, data, batch_size=2), math.exp(float(nll)), rel_tol=1e-5)
+
+
+def test_token_windows_and_their_errors():
+    ids = torch.arange(100)
+    w = token_windows(ids, None, 3, 20, random=False)
+    assert torch.equal(w.ids[1], torch.arange(20, 40)) and len(w) == 3
+    r1, r2 = token_windows(ids, None, 4, 10, seed=1), token_windows(ids, None, 4, 10, seed=1)
+    assert torch.equal(r1.ids, r2.ids)
+    assert set(w[0]) == {"input_ids", "labels"}
+    with pytest.raises(ValueError, match="length"):
+        token_windows(ids, None, 1, 200)
+    with pytest.raises(ValueError, match="n = 6"):
+        token_windows(ids, None, 6, 20, random=False)
+    with pytest.raises(ValueError, match="empty"):
+        cm.data.text.tokenize("   ", tokenizer=lambda t, **k: {"input_ids": []})
+
+
+@pytest.mark.parametrize("method", LAYER_METHODS)
+@pytest.mark.parametrize("kind", ["llama", "opt", "gpt2"])
+def test_layer_methods_prune_every_block_map_exactly(kind, method):
+    model = tiny(kind)
+    rep = cm.prune(model, windows(), 0.6, method)
+    assert rep.layer_sparsity and all(abs(s - 0.6) < 0.02 for s in rep.layer_sparsity.values())
+    for name, mask in rep.masks.items():
+        w = dict(model.named_parameters())[name]
+        assert torch.equal(w != 0, mask) or bool(((w != 0) & ~mask).sum() == 0)
+    assert any("left dense" in note for note in rep.notes)
+
+
+@pytest.mark.parametrize("method", LAYER_METHODS)
+def test_layer_methods_n_m_is_exact(method):
+    model = tiny("llama")
+    cm.prune(model, windows(), 0.5, method, pattern="2:4")
+    for _, layers in enumerate(sequential.block_layers(model)):
+        for m in layers.values():
+            W = language.weight_matrix(m)
+            assert int((W.reshape(W.shape[0], -1, 4) != 0).sum(-1).max()) <= 2
+
+
+def test_wanda_equals_its_formula():
+    g = torch.Generator().manual_seed(0)
+    W, norms = torch.randn(6, 8, generator=g), torch.rand(8, generator=g)
+    Wp, mask = cm.solver.layer.wanda(W, norms, 24)
+    score = W.abs() * norms.sqrt()
+    for r in range(6):
+        keep = torch.topk(score[r], 4).indices
+        assert set(keep.tolist()) == set(mask[r].nonzero().squeeze(1).tolist())
+    assert torch.equal(Wp, W * mask)
+
+
+def test_sequential_calibration_sees_the_pruned_prefix():
+    """The Gram matrix the driver hands block i's first layers equals that of a direct forward pass through the
+    final pruned model (blocks < i pruned, and block i's first maps read the block input)."""
+    model = tiny("llama")
+    data = windows(4, 12)
+    seen = {}
+
+    from dataclasses import dataclass
+
+    from chita_minimal.methods.layer_method import LayerMethod
+
+    @dataclass
+    class Recorder(LayerMethod):
+        name = "recorder"
+        n_samples: int | None = None
+
+        def prune_layer(self, W, stat, k, pattern):
+            seen[len(seen)] = stat.clone()
+            return cm.solver.layer.magnitude(W, k)
+
+    sequential.prune_blocks(model, data.ids, Recorder(), sparsity=0.5, batch_size=3)
+    names = [n for layers in sequential.block_layers(model) for n in layers]
+    grams = {}
+    mods = dict(model.named_modules())
+    hooks = [mods[n.rsplit(".", 1)[0]].register_forward_pre_hook(
+        lambda m, a, n=n: grams.__setitem__(n, grams.get(n, 0) + (lambda x: x.T.double() @ x.double())(
+            a[0].reshape(-1, a[0].shape[-1])))) for n in names]
+    with torch.no_grad():
+        model(data.ids)
+    for h in hooks:
+        h.remove()
+    N = data.ids.numel()
+    for i, n in enumerate(names):
+        if n.endswith("q_proj.weight"):
+            assert torch.allclose(seen[i], grams[n] / N, rtol=1e-4, atol=1e-6), n
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(sparsity=1.2), "sparsity"),
+    (dict(pattern="3:7"), "divisible|3:7|pattern"),
+    (dict(n_samples=99), "n_samples"),
+    (dict(names=["lm_head.weight"]), "decoder blocks"),
+])
+def test_bad_input_clear_error_model_untouched(bad, match):
+    model = tiny("llama")
+    before = state(model)
+    kw = dict(sparsity=0.5, method="wanda")
+    kw.update(bad)
+    if "pattern" in bad:
+        kw["sparsity"] = 1 - 3 / 7
+    with pytest.raises((ValueError, TypeError), match=match):
+        cm.prune(model, windows(), **kw)
+    assert same(before, state(model))
+
+
+def test_model_without_decoder_blocks_gets_a_clear_error():
+    with pytest.raises(ValueError, match="decoder blocks"):
+        language.decoder_blocks(torch.nn.Sequential(torch.nn.Linear(3, 3)))
+
+
+def test_layer_methods_on_a_plain_network_take_one_calibration_pass():
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    data = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.zeros(64, dtype=torch.long))
+    for method in ("wanda", "alps", "chita-layer"):
+        m = copy.deepcopy(net)
+        rep = cm.prune(m, data, 0.5, method, n_samples=32)
+        assert abs(rep.achieved - 0.5) < 1e-6
+
+
+def test_n_samples_is_the_calibration_option():
+    with pytest.raises(cm.methods.OptionError, match="n_samples"):
+        cm.prune(tiny("llama"), windows(), 0.5, "chita", n_samples=4)
+    rep = cm.prune(tiny("llama"), windows(8), 0.5, "sparsegpt", n_samples=4)
+    assert rep.n_grads == 4
