@@ -17,7 +17,7 @@ class Wanda(LayerMethod):
     """Wanda: keep the weights of largest |W_ij|·‖X_j‖₂ within each output row; no weight update (Eq. 1)."""
 
     name = "wanda"
-    summary = "Wanda: |W|·‖X_j‖ compared within each output row, from calibration inputs (no weight update)"
+    summary = "Wanda: weight magnitude times input norm ‖X_j‖, compared within each output row (no weight update)"
     statistic = "norms"
     n_samples: int | None = None
 
@@ -33,7 +33,6 @@ class MagnitudeLayer(LayerMethod):
     name = "mp-layer"
     summary = "magnitude pruning, the same sparsity in every layer (no data)"
     statistic = None
-    n_samples: int | None = None
 
     def prune_layer(self, W, stat, k, pattern):
         return layer.magnitude(W, k, pattern=pattern)
