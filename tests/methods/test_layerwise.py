@@ -42,9 +42,9 @@ def test_sparsegpt_exact_unstructured_sparsity(dtype, block_size):
         assert torch.all(Wp[~keep] == 0) and torch.isfinite(Wp).all()
 
 
-@pytest.mark.parametrize("pattern", [(2, 4), (1, 4), (4, 8), (3, 3)])
+@pytest.mark.parametrize("pattern", [(2, 4), (1, 4), (4, 8), "2:4"])
 def test_sparsegpt_exact_n_m(pattern):
-    n, m = pattern
+    n, m = (2, 4) if pattern == "2:4" else pattern  # one N:M type: "2:4" and (2, 4) alike
     W, _, H = _layer(1, rows=9, cols=48)
     for bs in [5, 16, 128]:  # 5 is rounded down to a multiple of m
         Wp, keep = sparsegpt_layer(W, H, pattern=pattern, block_size=bs)
@@ -53,6 +53,8 @@ def test_sparsegpt_exact_n_m(pattern):
         assert torch.all(Wp[~keep] == 0)
     with pytest.raises(ValueError, match="divisible"):
         sparsegpt_layer(W[:, :46], H[:46, :46], pattern=(2, 4))
+    with pytest.raises(ValueError, match="N < M"):  # N = M keeps everything: not a pattern (as in prune's "N:M")
+        sparsegpt_layer(W, H, pattern=(3, 3))
 
 
 def test_sparsegpt_sparsity_zero_returns_w_unchanged():
