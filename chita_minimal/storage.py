@@ -87,8 +87,14 @@ def save_pruned(model: nn.Module, report, path, *, masks: dict[str, torch.Tensor
     unknown = [n for n in masks if n not in state]
     if unknown:
         raise ValueError(f"masks name parameter(s) the model does not have: {', '.join(unknown)}")
-    tensors, shapes = {}, {}
+    tensors, shapes, aliases, seen = {}, {}, {}, {}
     for name, value in state.items():
+        key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape)) if value.numel() else None
+        if key in seen and name not in masks:  # a tied weight (an LM head sharing the embedding): stored once
+            aliases[name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = name
         if name in masks:
             m = masks[name].detach().cpu().to(torch.bool)
             if m.shape != value.shape:
@@ -103,7 +109,7 @@ def save_pruned(model: nn.Module, report, path, *, masks: dict[str, torch.Tensor
         for group, idx in keep.items():
             tensors[f"keep/{group}"] = torch.as_tensor(idx).cpu().contiguous()
     metadata = {"format": FORMAT, "report": json.dumps(_report_metadata(report)), "mask_shapes": json.dumps(shapes),
-                "sparse": json.dumps(bool(sparse))}
+                "sparse": json.dumps(bool(sparse)), "aliases": json.dumps(aliases)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
@@ -163,6 +169,8 @@ def load_pruned(model_or_factory, path, *, attach_masks: bool = True, device=Non
             full = torch.zeros(m.shape, dtype=values.dtype)
             full[m] = values
             state[name] = full
+    for name, source in json.loads(meta.get("aliases", "{}")).items():  # tied weights stored once
+        state[name] = state[source]
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")

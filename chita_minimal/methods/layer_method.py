@@ -72,7 +72,7 @@ class LayerMethod(ModelMethod):
         """(Ŵ, mask) for W (out × in, float32): keep k weights of the layer, or the pattern (n, m) in every row."""
         raise NotImplementedError
 
-    def _windows(self, data, model):
+    def _windows(self, data):
         """The calibration subset: all samples given, or a seeded choice of ``n_samples`` of them."""
         if self.statistic is None:
             return None
@@ -101,7 +101,7 @@ class LayerMethod(ModelMethod):
         lay = params.layout(model, names)
         original = params.flatten(model, lay)
         t0 = time.perf_counter()
-        chosen = self._windows(data, model)
+        chosen = self._windows(data)
         ids, n_used = None, 0
         if chosen is not None:
             data, n_used = chosen

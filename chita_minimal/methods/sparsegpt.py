@@ -12,7 +12,6 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from chita_minimal.methods import layerwise
 from chita_minimal.methods.base import dataset_size, register
@@ -35,7 +34,7 @@ class SparseGPT(LayerMethod):
     over per-layer error tables on ``grid``; the achieved sparsity is then ≥ the target), or a dict
     name → sparsity. block_size, percdamp: of :func:`~chita_minimal.methods.layerwise.sparsegpt_layer`;
     sequential: calibrate each layer on the outputs of the already pruned layers before it.
-    n_samples: calibration samples; on a language model (decoder blocks) the sequential driver of every
+    n_samples: calibration samples; on a Hugging Face language model (decoder blocks) the sequential driver of every
     layer-wise method runs, block by block, on at most 128 windows by default; on other models the default is
     n_grads · batch_size (as before the option existed) and ``allocation``/``sequential`` apply.
     """

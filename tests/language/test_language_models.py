@@ -196,3 +196,14 @@ def test_n_samples_is_the_calibration_option():
         cm.prune(tiny("llama"), windows(), 0.5, "chita", n_samples=4)
     rep = cm.prune(tiny("llama"), windows(8), 0.5, "sparsegpt", n_samples=4)
     assert rep.n_grads == 4
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_save_and_load_a_pruned_lm_with_a_tied_head(tmp_path, sparse):
+    model = tiny("llama")
+    report = cm.prune(model, windows(), 0.5, "wanda")
+    path = cm.save_pruned(model, report, tmp_path / "lm.safetensors", sparse=sparse)
+    loaded = cm.load_pruned(lambda: tiny("llama", seed=1), path)
+    for (name, a), b in zip(loaded.model.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight  # still tied
