@@ -22,7 +22,7 @@ from chita_minimal.network.evaluate import evaluate, recalibrate_bn
 from chita_minimal.prune import prune
 from chita_minimal.report import PruneReport
 
-__all__ = ["prune_fresh", "accuracy", "recalibrated_accuracy", "l2_for", "peak_rss"]
+__all__ = ["prune_fresh", "accuracy", "recalibrated_accuracy", "l2_for"]
 
 
 def prune_fresh(arch: str, data: Dataset, sparsity: float, method, *, device=None, sparsity_tol: float | None = 1e-3,
@@ -86,46 +86,3 @@ def l2_for(chosen: dict, label: str, sparsity: float) -> float:
         raise KeyError(f"no l2 was chosen for {label!r}")
     s_ref = min([t for t in tuned_at if t >= sparsity - 1e-12], default=max(tuned_at))
     return chosen[(label, s_ref)]
-
-
-def peak_rss(fn, *args, interval: float = 0.02, **kwargs):
-    """Run ``fn(*args, **kwargs)``; return ``(result, seconds, peak MiB)``: the wall time, and the peak resident
-    memory of this process above its level just before the call, sampled every ``interval`` seconds by a thread
-    (Linux ``/proc/self/statm``; ``None`` elsewhere). Memory the allocator kept from earlier calls is reused
-    without showing up, so compare calls made in a fresh state (``bench/llm.py`` runs each in its own process).
-
-    Introduced in the language-model chapter (``book/language_model.ipynb``).
-    """
-    import os
-    import threading
-
-    def rss() -> int | None:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError):
-            return None
-
-    start = rss()
-    peak = [start]
-    done = threading.Event()
-
-    def watch():
-        while not done.wait(interval):
-            now = rss()
-            if now is not None and now > peak[0]:
-                peak[0] = now
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    t0 = time.perf_counter()
-    try:
-        result = fn(*args, **kwargs)
-    finally:
-        seconds = time.perf_counter() - t0
-        done.set()
-        thread.join()
-    now = rss()
-    if start is None:
-        return result, seconds, None
-    return result, seconds, (max(peak[0], now or 0) - start) / 2**20

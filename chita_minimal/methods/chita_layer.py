@@ -21,7 +21,7 @@ class ChitaLayer(LayerMethod):
     name = "chita-layer"
     summary = "CHITA on the layer-wise problem (Gram form, no X): penalty path, swap local search, backsolve"
     n_samples: int | None = None
-    swap_rounds: int = 3
+    swap_rounds: int = 1
     percdamp: float = 0.01
     exact: bool = False
 
