@@ -132,7 +132,8 @@ def _pattern_layers(model, pattern, m) -> list[str]:
     """The default prunable weights whose rows an N:M pattern can cut; the others are skipped, with a warning."""
     shapes = {name: prm.shape for name, prm in model.named_parameters()}
     default = params.resolve(model, None)
-    skipped = [n for n in default if row_length(shapes[n]) % m or shapes[n].numel() == 0]
+    flipped = dict(zip(default, params.transposed_weights(model, default)))
+    skipped = [n for n in default if row_length(shapes[n], flipped[n]) % m or shapes[n].numel() == 0]
     if skipped:
         if len(skipped) == len(default):
             raise ValueError(f"no prunable weight has rows divisible by M = {m} for pattern {pattern!r}")

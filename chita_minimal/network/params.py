@@ -132,6 +132,7 @@ class Layout:
     numels: tuple[int, ...]
     offsets: tuple[int, ...]
     p: int  # total number of entries
+    transposed: tuple[bool, ...] = ()  # per parameter: a linear map stored in × out (GPT-2's Conv1D); () = none
 
     def __len__(self) -> int:
         return len(self.names)
@@ -154,7 +155,20 @@ def layout(model: nn.Module, names=None) -> Layout:
     for k in numels:
         offsets.append(o)
         o += k
-    return Layout(tuple(names), shapes, numels, tuple(offsets), o)
+    return Layout(tuple(names), shapes, numels, tuple(offsets), o, transposed_weights(model, names))
+
+
+def transposed_weights(model: nn.Module, names) -> tuple[bool, ...]:
+    """Per name, whether it is the weight of a linear map stored in × out (GPT-2's ``Conv1D``), whose rows in the
+    usual sense (one output's weights) are its columns."""
+    from chita_minimal.network.language import is_conv1d
+
+    owner = {}
+    for m in model.modules():
+        if is_conv1d(m) and isinstance(getattr(m, "weight", None), nn.Parameter):
+            owner[id(m.weight)] = True
+    prms = dict(model.named_parameters())
+    return tuple(bool(owner.get(id(prms[n]), False)) for n in names)
 
 
 def _check_layout(lay) -> None:

@@ -48,9 +48,12 @@ def _check_nm(n, m) -> None:
         raise ValueError(f"an N:M pattern needs 1 <= N < M, got N = {n}, M = {m}")
 
 
-def row_length(shape) -> int:
-    """Length of the rows an N:M pattern runs along: the weight viewed as (out, rest); a 1-D weight is one row."""
+def row_length(shape, transposed: bool = False) -> int:
+    """Length of the rows an N:M pattern runs along: the weight viewed as (out, rest); a 1-D weight is one row;
+    a linear map stored in × out (``transposed``, GPT-2's Conv1D) has rows of length in = shape[0]."""
     numel = math.prod(shape)
+    if transposed and len(shape) == 2:
+        return shape[0]
     return numel if len(shape) <= 1 else numel // shape[0]
 
 
@@ -61,7 +64,9 @@ def nm_groups(layout, m: int) -> torch.LongTensor:
     (stored one after the other, each row-major). Each weight is viewed as (out, rest), a 1-D
     weight as one row, and every row is cut into runs of M consecutive entries: the usual 2:4
     convention along the input dimension of a Linear layer (for a Conv weight (out, in, kh, kw)
-    the runs go along the flattened (in, kh, kw)). Returns a (G, M) LongTensor (on the CPU).
+    the runs go along the flattened (in, kh, kw)). A weight the layout marks ``transposed`` (a linear map
+    stored in × out, GPT-2's Conv1D) has its runs along its stored columns, the input dimension as well.
+    Returns a (G, M) LongTensor (on the CPU).
     """
     if isinstance(m, bool) or not isinstance(m, int):
         raise TypeError(f"m must be an int, got {type(m).__name__}")
@@ -69,19 +74,23 @@ def nm_groups(layout, m: int) -> torch.LongTensor:
         raise ValueError(f"m must be >= 2, got {m}")
     if hasattr(layout, "shapes") and hasattr(layout, "offsets"):  # a params.Layout
         names, shapes, offsets = layout.names, layout.shapes, layout.offsets
+        transposed = getattr(layout, "transposed", ()) or (False,) * len(shapes)
     elif isinstance(layout, (list, tuple)) and layout:
         shapes = [torch.Size(s) for s in layout]
         names = [f"layer {i}" for i in range(len(shapes))]
         offsets = [0, *itertools.accumulate(s.numel() for s in shapes)][:-1]
+        transposed = (False,) * len(shapes)
     else:
         raise TypeError(f"layout must be a params.Layout or a non-empty list of shapes, got {layout!r}")
     out = []
-    for name, shape, offset in zip(names, shapes, offsets):
+    for name, shape, offset, flip in zip(names, shapes, offsets, transposed):
         numel = math.prod(shape)
-        row = row_length(shape)
+        flip = flip and len(shape) == 2
+        row = row_length(shape, flip)
         if numel == 0 or row % m:
             raise ValueError(f"{name} (shape {tuple(shape)}): row length {row} is not divisible by M = {m}")
-        out.append(torch.arange(offset, offset + numel).view(-1, m))
+        index = torch.arange(offset, offset + numel)
+        out.append((index.view(shape[0], shape[1]).T if flip else index).reshape(-1, m))
     return torch.cat(out)
 
 

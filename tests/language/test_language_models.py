@@ -207,3 +207,15 @@ def test_save_and_load_a_pruned_lm_with_a_tied_head(tmp_path, sparse):
     for (name, a), b in zip(loaded.model.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
     assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight  # still tied
+
+
+def test_n_m_on_gpt2_conv1d_runs_along_the_inputs():
+    """GPT-2's Conv1D stores W as in × out: a 2:4 pattern through the gradient path keeps 2 of every 4 consecutive
+    inputs of each output (along the stored columns), as for a Linear and as the layer-wise driver does."""
+    model = tiny("gpt2")
+    cm.prune(model, windows(4, 8), 0.5, "chita-iht", n_grads=4, pattern="2:4")
+    conv = [m for m in model.modules() if language.is_conv1d(m)]
+    assert conv
+    for m in conv:
+        rows = m.weight.detach().T  # (out, in)
+        assert ((rows.reshape(rows.shape[0], -1, 4) != 0).sum(-1) == 2).all()
