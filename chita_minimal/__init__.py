@@ -32,7 +32,7 @@ from chita_minimal.network.fisher import gradients
 from chita_minimal.network.params import MaskKeeper
 from chita_minimal.prune import prune
 from chita_minimal.report import PruneReport, Report
-from chita_minimal.solver.iht import hard_threshold
+from chita_minimal.solver.threshold import hard_threshold
 from chita_minimal.solver.problem import Problem, num_kept
 from chita_minimal.solver.schedules import SCHEDULES, schedule
 from chita_minimal.solver.solve import METHODS, SolveResult, solve

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from chita_minimal.methods.base import Method, Stage, Step, register
-from chita_minimal.solver.iht import hard_threshold
+from chita_minimal.solver.threshold import hard_threshold
 from chita_minimal.solver.problem import check_k, check_tensor
 
 class Pruned(NamedTuple):

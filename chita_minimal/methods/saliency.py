@@ -3,7 +3,7 @@
 Same data as CHITA and the baselines of :mod:`chita_minimal.baselines`: the flat prunable weights
 w̄ (p,) and the gradient matrix X (n, p), row i = gradient of the loss on mini-batch i (as
 ``fisher.gradients`` makes it). Each returns ``Pruned(w, support)``: w = w̄ on the support, exactly
-0.0 elsewhere; no weight is updated. Top-k ties: the lower index is kept (``iht.hard_threshold``).
+0.0 elsewhere; no weight is updated. Top-k ties: the lower index is kept (``threshold.hard_threshold``).
 
 - :func:`snip`      — |ḡ ⊙ w̄|, ḡ the mean gradient (Lee et al. 2019, connection sensitivity).
 - :func:`taylor`    — mean_i (g_i ⊙ w̄)² (Molchanov et al. 2019, first-order Taylor importance).
@@ -19,7 +19,7 @@ import torch
 from chita_minimal.methods.base import Method, Stage, Step, register
 from chita_minimal.methods.magnitude import Pruned, check_data, finish
 from chita_minimal.network.params import Layout, split
-from chita_minimal.solver.iht import hard_threshold
+from chita_minimal.solver.threshold import hard_threshold
 from chita_minimal.solver.problem import Problem, check_tensor, num_kept
 
 _check = check_data  # X (n, p), w_bar (p,), same dtype/device, 1 ≤ k ≤ p

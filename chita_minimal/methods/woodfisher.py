@@ -41,7 +41,7 @@ import torch
 
 from chita_minimal.methods.base import Method, Stage, Step, register
 from chita_minimal.methods.magnitude import Pruned, check_fisher_inputs, check_positive, finish
-from chita_minimal.solver.iht import hard_threshold
+from chita_minimal.solver.threshold import hard_threshold
 from chita_minimal.solver.problem import Problem, check_tensor
 
 _UPDATES = ("independent", "joint")

@@ -26,7 +26,7 @@ import torch
 
 from chita_minimal.network import fisher, params
 from chita_minimal.solver.blocks import batched_spd_solve, block_ids, layer_blocks
-from chita_minimal.solver.iht import hard_threshold
+from chita_minimal.solver.threshold import hard_threshold
 from chita_minimal.solver.problem import num_kept
 from chita_minimal.utils import check_sparsity
 

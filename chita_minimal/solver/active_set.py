@@ -12,7 +12,8 @@ import math
 import torch
 
 from chita_minimal.solver.backsolve import first_step
-from chita_minimal.solver.iht import _DENSE_UPDATE_FRACTION, hard_threshold, iht, line_search_step, project, support_of
+from chita_minimal.solver.iht import _DENSE_UPDATE_FRACTION, iht, line_search_step
+from chita_minimal.solver.threshold import hard_threshold, project, support_of
 from chita_minimal.solver.problem import Problem
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from chita_minimal.solver.iht import hard_threshold
+from chita_minimal.solver.threshold import hard_threshold
 from chita_minimal.solver.problem import Problem, ridge_on_support
 
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from chita_minimal.solver.iht_sync_free import iht_sync_free
 from chita_minimal.solver.problem import Problem
+from chita_minimal.solver.threshold import hard_threshold, project, support_of  # noqa: F401 (also imported from here)
 
 # refit (see iht): also right after a swap of at most this many coordinates from a support that had settled
 # (an exact refit, or this many iterations without a change)
@@ -23,47 +25,6 @@ _SWAP_SETTLED = 5
 # When more than this fraction of coordinates changes, one dense matvec beats a column gather
 # (gathering columns of a row-major X reads scattered memory).
 _DENSE_UPDATE_FRACTION = 0.02
-
-
-def hard_threshold(v: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the k largest |v_i| (H_k in the paper).
-
-    Ties at the k-th magnitude are broken deterministically: the lower index wins.
-    """
-    p = v.numel()
-    if k >= p:
-        return torch.ones_like(v, dtype=torch.bool)
-    a = v.abs()
-    kth = torch.topk(a, k, sorted=False).values.min()
-    mask = a > kth
-    need = k - int(mask.sum())
-    if need > 0:
-        ties = torch.nonzero(a == kth).squeeze(1)[:need]
-        mask[ties] = True
-    return mask
-
-
-def project(u: torch.Tensor, k: int, pattern=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """H_k applied to values: (u with all but its k largest |entries| set to 0, the kept mask).
-
-    With an N:M ``pattern``: the top-N |entries| of every group instead (k = pattern.k).
-    """
-    if pattern is not None:
-        return pattern.project(u)
-    mask = hard_threshold(u, k)
-    return torch.where(mask, u, torch.zeros_like(u)), mask
-
-
-def support_of(w: torch.Tensor, k: int, pattern=None) -> torch.Tensor:
-    """The k kept coordinates of w: its nonzeros, filled up (lowest indices first) when fewer than k
-    (with an N:M ``pattern``: filled up to N in every group)."""
-    if pattern is not None:
-        return pattern.support_of(w)
-    support = w != 0
-    missing = k - int(support.sum())
-    if missing > 0:
-        support[torch.nonzero(~support).squeeze(1)[:missing]] = True
-    return support
 
 
 def _step_to_keep_support(w, g, support, pattern=None):
@@ -254,8 +215,6 @@ def iht(problem: Problem, k: int | None, w0: torch.Tensor | None = None, *, line
     more than the product it waits for. Line search, dense X, global top-k and no ``refit`` only.
     """
     if sync_free:
-        from chita_minimal.solver.iht_sync_free import iht_sync_free
-
         unsupported = [what for what, bad in (("line_search=False", not line_search),
                                               ("an N:M pattern", pattern is not None), ("refit", refit is not None),
                                               (f"a {type(problem).__name__}", type(problem) is not Problem)) if bad]

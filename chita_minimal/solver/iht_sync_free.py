@@ -8,7 +8,7 @@ sequence of tensor operations:
 - Xᵀr and X·d as before;
 - every candidate of Alg 2 at once: the step along d (or its conjugate) that keeps the support, the thresholded
   steps τ_c·2^j (j = 0…5) and the safe step 1/L, their supports by a batched top-k with the same tie rule as
-  :func:`chita_minimal.solver.iht.hard_threshold`, and their residuals from **one** product of X with all of
+  :func:`chita_minimal.solver.threshold.hard_threshold`, and their residuals from **one** product of X with all of
   them (one more read of X);
 - the choice among them by masks (``torch.where``), reproducing the branches of the sequential line search:
   the support-keeping step when it decreases f by more than tol·|f|, else the doubling sequence up to its first
@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import torch
 
-from chita_minimal.solver.iht import project, support_of
 from chita_minimal.solver.problem import Problem
+from chita_minimal.solver.threshold import project, support_of
 
 _DOUBLINGS = 6  # τ_c·2^j for j = 0…5: the start and ≤ 5 doublings, as in the sequential line search
 
 
 def batched_hard_threshold(U: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k largest |U[i, j]| in every row i; ties at the k-th magnitude go to the lower index
-    (the rule of :func:`chita_minimal.solver.iht.hard_threshold`, row by row, without a host read)."""
+    (the rule of :func:`chita_minimal.solver.threshold.hard_threshold`, row by row, without a host read)."""
     p = U.shape[1]
     if k >= p:
         return torch.ones_like(U, dtype=torch.bool)
