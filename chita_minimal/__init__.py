@@ -32,10 +32,10 @@ from chita_minimal.network.fisher import gradients
 from chita_minimal.network.params import MaskKeeper
 from chita_minimal.prune import prune
 from chita_minimal.report import PruneReport, Report
-from chita_minimal.solver.threshold import hard_threshold
 from chita_minimal.solver.problem import Problem, num_kept
 from chita_minimal.solver.schedules import SCHEDULES, schedule
 from chita_minimal.solver.solve import METHODS, SolveResult, solve
+from chita_minimal.solver.threshold import hard_threshold
 from chita_minimal.storage import LoadedModel, load_pruned, save_pruned
 from chita_minimal.training.gradual import GradualResult, gradual
 from chita_minimal.utils import device, seed_everything
@@ -45,7 +45,8 @@ __version__ = "0.1.0"
 __all__ = ["data", "methods", "models", "network", "scale", "solver", "structure", "training",
            "evaluate", "recalibrate_bn", "train_epochs", "gradients", "MaskKeeper", "PruneReport", "Report",
            "prune", "hard_threshold", "Problem", "num_kept", "SCHEDULES", "schedule", "METHODS", "SolveResult",
-           "solve", "GradualResult", "gradual", "device", "seed_everything", "save_pruned", "load_pruned", "LoadedModel"]
+           "solve", "GradualResult", "gradual", "device", "seed_everything", "save_pruned", "load_pruned", "LoadedModel",
+           "shrink"]
 
 # Module paths before the package was arranged in layers (0.1): ``cm.fisher`` still works for one release.
 _MOVED = {"problem": "solver.problem", "iht": "solver.iht", "active_set": "solver.active_set",
@@ -60,7 +61,13 @@ _MOVED = {"problem": "solver.problem", "iht": "solver.iht", "active_set": "solve
           "imagenet": "data.imagenet"}
 
 
+# Imported on first use (they pull in Torch-Pruning): cm.shrink is structure.methods.shrink
+_LAZY = {"shrink": "structure.methods"}
+
+
 def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"chita_minimal.{_LAZY[name]}"), name)
     if name in _MOVED:
         new = f"chita_minimal.{_MOVED[name]}"
         warnings.warn(f"chita_minimal.{name} moved to {new}; the old name goes away in the next release",

@@ -48,6 +48,13 @@ def check_number(arg, value, low=None, high=None, low_open=False, high_open=Fals
     return float(value)
 
 
+def check_choice(name: str, value, choices):
+    """``value`` if it is one of ``choices``; ValueError naming ``name`` and listing the choices."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be {' or '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
 def lazy_submodules(package: str, names: tuple[str, ...]):
     """A module ``__getattr__`` (PEP 562) that imports ``package.<name>`` on first access.
 

@@ -2,6 +2,7 @@
 
 | module | what |
 |---|---|
+| ``methods`` | ``shrink(model, data, fraction, method=...)`` (``cm.shrink``): one call, a registry of structure methods |
 | ``graph`` | channel groups of any traceable model, from Torch-Pruning's dependency graph |
 | ``channels`` | ``shrink`` (channels really removed), FLOP counter, L1/Taylor scores, FLOP-budget selection, group-CHITA |
 | ``sosp`` | SOSP-H channel scores (second-order, Fisher) |
@@ -19,5 +20,5 @@ Every entry point returns a :class:`chita_minimal.report.Report`; the channel me
 
 from chita_minimal.utils import lazy_submodules
 
-__getattr__ = lazy_submodules(__name__, ("graph", "channels", "sosp", "spectral", "ispasp", "smcp", "lowrank",
+__getattr__ = lazy_submodules(__name__, ("methods", "graph", "channels", "sosp", "spectral", "ispasp", "smcp", "lowrank",
                                          "quantize", "heads"))

@@ -78,7 +78,7 @@ from chita_minimal.structure.graph import (all_groups, channel_groups, default_i
                                            missing_inputs, prune_channels)
 from chita_minimal.structure.graph import DEFAULT_INPUT_SHAPES, ChannelGroup, ResidualGroup  # noqa: F401 (re-exported)
 from chita_minimal.structure.graph import MissingExampleInputs  # noqa: F401 (re-exported)
-from chita_minimal.utils import renamed
+from chita_minimal.utils import check_choice, renamed
 
 
 # -----------------------------------------------------------------------------
@@ -217,6 +217,25 @@ def dry_run(model: nn.Module, input_shape) -> None:
             m.training = mode
 
 
+BUDGETS = ("flops", "params")
+
+
+def budget_costs(model: nn.Module, input_shape, budget: str = "flops") -> dict[str, tuple[int, int, int]]:
+    """:func:`layer_costs` for a budget: "flops" (multiply-adds, unit·in·out) or "params" (the weights of the
+    Conv2d/Linear layers, unit = kh·kw for a conv and 1 for a Linear), both of the form unit·in·out, so that
+    :class:`FlopModel` counts either for any keep configuration."""
+    check_choice("budget", budget, BUDGETS)
+    costs = layer_costs(model, tuple(input_shape))
+    if budget == "params":
+        costs = {m: (model.get_submodule(m).weight.numel() // (i * o), i, o) for m, (_, i, o) in costs.items()}
+    return costs
+
+
+def weight_count(model: nn.Module, input_shape) -> int:
+    """Weights of the Conv2d/Linear layers the forward pass runs (the "params" budget; biases and norms aside)."""
+    return sum(u * i * o for u, i, o in budget_costs(model, input_shape, "params").values())
+
+
 def flops(model: nn.Module, input_shape) -> int:
     """Multiply-accumulates of all Conv2d (out_h·out_w·out_c·in_c/groups·kh·kw) and Linear (in·out)
     layers for ONE input of shape ``input_shape`` (without the batch dimension, e.g. (3, 32, 32)).
@@ -343,8 +362,8 @@ class FlopModel:
     ``example_inputs`` (for tracing) default to one zero input of ``input_shape``.
     """
 
-    def __init__(self, model, input_shape, residual=False, *, example_inputs=None):
-        self.costs = layer_costs(model, tuple(input_shape))
+    def __init__(self, model, input_shape, residual=False, *, example_inputs=None, budget: str = "flops"):
+        self.costs = budget_costs(model, tuple(input_shape), budget)  # "params": weights instead of MACs
         self.groups = channel_groups(model, example_inputs_for(model, example_inputs, input_shape), residual=residual)
         self.total = sum(u * i * o for u, i, o in self.costs.values())
         self._in, self._out = {}, {}  # module -> [(group, C, k)]
@@ -362,8 +381,9 @@ class FlopModel:
 
 
 def select(model: nn.Module, scores: dict[str, torch.Tensor], fraction: float, input_shape=None, *,
-           residual: bool = False, example_inputs=None):
+           residual: bool = False, example_inputs=None, budget: str = "flops"):
     """Keep masks removing a FLOP fraction close to, and never above, ``fraction`` (global greedy).
+    ``budget="params"``: a fraction of the Conv2d/Linear weights instead (:func:`weight_count`).
 
     Scores are normalised per group by their mean (Molchanov et al. 2019 normalise per layer
     too), then channels are visited from the lowest normalised score up: a channel is removed
@@ -391,7 +411,7 @@ def select(model: nn.Module, scores: dict[str, torch.Tensor], fraction: float, i
     missing = [k for k in groups if k not in scores]
     if missing:
         raise ValueError(f"scores lack channel group(s) {missing}")
-    cost = FlopModel(model, input_shape, residual, example_inputs=example_inputs)
+    cost = FlopModel(model, input_shape, residual, example_inputs=example_inputs, budget=budget)
     cands = []  # (normalised score, group order, channel)
     for gi, (name, c) in enumerate(widths.items()):
         s = scores[name].detach().double().cpu().reshape(-1)
@@ -413,7 +433,8 @@ def select(model: nn.Module, scores: dict[str, torch.Tensor], fraction: float, i
             keep[name][ch] = False
         else:
             counts[name] += 1
-    achieved = 1.0 - flops(shrink(model, keep, example_inputs), input_shape) / cost.total
+    measure = flops if budget == "flops" else weight_count
+    achieved = 1.0 - measure(shrink(model, keep, example_inputs), input_shape) / cost.total
     return keep, achieved
 
 
@@ -672,8 +693,9 @@ class StructuredReport(ChannelReport):
 def group_chita_prune(model: nn.Module, dataset, fraction: float, *, n_grads: int, l2: float = 1e-3,
                       batch_size: int = 1, seed: int = 0, scores=None, input_shape=None,
                       max_iter: int = 100, tol: float = 1e-9, swap_rounds: int = 10,
-                      residual: bool = False, example_inputs=None) -> StructuredReport:
-    """Group-CHITA channel pruning of a network to remove ≤ ``fraction`` of the FLOPs.
+                      residual: bool = False, example_inputs=None, budget: str = "flops") -> StructuredReport:
+    """Group-CHITA channel pruning of a network to remove ≤ ``fraction`` of the FLOPs (``budget="params"``: of
+    the Conv2d/Linear weights).
 
     1. Channel counts per group: :func:`select` on ``scores`` (default :func:`l1_scores`), so the
        FLOP budget is met; Group-CHITA then chooses *which* channels, with one budget per group
@@ -702,7 +724,8 @@ def group_chita_prune(model: nn.Module, dataset, fraction: float, *, n_grads: in
     groups = channel_groups(model, example_inputs, residual=residual)
     if scores is None:
         scores = l1_scores(model, residual=residual, example_inputs=example_inputs)
-    plan, _ = select(model, scores, fraction, input_shape, residual=residual, example_inputs=example_inputs)
+    plan, _ = select(model, scores, fraction, input_shape, residual=residual, example_inputs=example_inputs,
+                     budget=budget)
     names = []
     for gr in groups.values():
         for pname in [f"{m}.weight" for m in gr.producers + gr.consumers]:

@@ -1,0 +1,330 @@
+"""Structure removed in one call: ``cm.shrink(model, data, fraction, method=...)`` and its registry of methods.
+
+    report = cm.shrink(model, loader, 0.5)                          # L1, half the multiply-adds removed
+    report = cm.shrink(model, loader, 0.3, method="taylor", n_grads=64, budget="params")
+    report.model                                                    # the smaller dense network
+    report.keep, report.achieved                                    # kept channels, fraction removed
+
+A structure method is an object that owns and checks its options, registered by name as the unstructured
+methods are (:mod:`chita_minimal.methods.base`); adding one is one file::
+
+    @register
+    @dataclass
+    class Random(StructureMethod):
+        name = "random"
+        summary = "channels kept at random (a sanity baseline)"
+        needs_data = False
+        seed: int = 0
+
+        def scores(self, model, data, run):
+            g = torch.Generator().manual_seed(self.seed)
+            return {name: torch.rand(c, generator=g) for name, c in run.widths(model).items()}
+
+A *score* method only says how important each channel is; the budget is met by
+:func:`~chita_minimal.structure.channels.select` (the lowest normalised scores removed first, never more than
+``fraction`` of the budget) and the channels removed for real by
+:func:`~chita_minimal.structure.channels.shrink` (Torch-Pruning's dependency graph: any traceable model). A method
+with its own selection and weight updates (group-CHITA, I-SpaSP) overrides :meth:`StructureMethod.remove`. The three-call recipe
+(scores → ``select`` → ``shrink``) stays available underneath.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from chita_minimal.structure import channels
+from chita_minimal.structure.graph import channel_groups, example_inputs_for
+from chita_minimal.utils import check_choice, check_int, check_number
+
+REGISTRY: dict[str, type[StructureMethod]] = {}
+# shrink's own arguments: a structure method's options must not take these names
+SHRINK_ARGUMENTS = ("budget", "residual", "example_inputs", "input_shape", "seed")
+
+
+class OptionError(TypeError, ValueError):
+    """An option the structure method does not have (a TypeError, as for a wrong keyword)."""
+
+
+@dataclass
+class Run:
+    """``shrink``'s own arguments as a method sees them."""
+
+    budget: str
+    residual: bool
+    example_inputs: object
+    input_shape: tuple
+    seed: int
+
+    def widths(self, model: nn.Module) -> dict[str, int]:
+        """Channels of every group the call prunes."""
+        groups = channel_groups(model, self.example_inputs, residual=self.residual)
+        return {name: gr.channels for name, gr in groups.items()}
+
+
+class StructureMethod:
+    """Base of the structure methods; subclasses are dataclasses whose fields are their options.
+
+    ``needs_data``: the method reads the calibration data (L1 does not)."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    needs_data: ClassVar[bool] = True
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else ()
+
+    @classmethod
+    def create(cls, **options) -> StructureMethod:
+        unknown = [k for k in options if k not in cls.option_names()]
+        if unknown:
+            valid = ", ".join(cls.option_names()) or "none"
+            raise OptionError(f"structure method {cls.name!r} has no option {unknown[0]!r}; its options: {valid}")
+        return cls(**options)
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Raise TypeError/ValueError naming the option when an option value is invalid."""
+
+    def scores(self, model: nn.Module, data, run: Run) -> dict[str, torch.Tensor]:
+        """Importance of every channel: group name → (channels,), low = removed first."""
+        raise NotImplementedError
+
+    def remove(self, model: nn.Module, data, fraction: float, run: Run) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+        """(the smaller model, keep masks), at most ``fraction`` of the budget removed; ``model`` is not modified.
+        By default: :meth:`scores` → :func:`~chita_minimal.structure.channels.select` → ``channels.shrink``."""
+        keep, _ = channels.select(model, self.scores(model, data, run), fraction, run.input_shape,
+                                  residual=run.residual, example_inputs=run.example_inputs, budget=run.budget)
+        return channels.shrink(model, keep, run.example_inputs), keep
+
+
+def register(cls: type[StructureMethod]) -> type[StructureMethod]:
+    """Class decorator: make ``cls`` available to ``shrink(method=cls.name)``."""
+    if not (isinstance(cls, type) and issubclass(cls, StructureMethod)):
+        raise TypeError(f"register takes a StructureMethod subclass, got {cls!r}")
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a class attribute `name` to be registered")
+    clash = [o for o in cls.option_names() if o in SHRINK_ARGUMENTS]
+    if clash:
+        raise ValueError(f"{cls.__name__}: option {clash[0]!r} is an argument of shrink itself")
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise ValueError(f"a structure method named {cls.name!r} is registered already")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get(method, **options) -> StructureMethod:
+    """A structure method object from a registered name and options, or the object itself."""
+    if isinstance(method, StructureMethod):
+        if options:
+            raise TypeError(f"options ({', '.join(options)}) go into the method object when method is one")
+        return method
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a structure method name or a StructureMethod, got {type(method).__name__}")
+    if method not in REGISTRY:
+        raise ValueError(f"unknown structure method {method!r}; valid methods: {', '.join(REGISTRY)}")
+    return REGISTRY[method].create(**options)
+
+
+def available() -> dict[str, str]:
+    """Registered structure method names with their one-line descriptions."""
+    return {name: cls.summary for name, cls in REGISTRY.items()}
+
+
+def shrink(model: nn.Module, data=None, fraction: float = 0.5, method="l1", *, budget: str = "flops",
+           residual: bool = False, example_inputs=None, input_shape=None, seed: int = 0,
+           **options) -> channels.ChannelReport:
+    """Remove channels (and the weights that read them) of any traceable model in one call.
+
+    data: calibration data for the methods that read it (a dataset, a DataLoader or batches, as for
+    :func:`chita_minimal.prune`); fraction: share of the budget removed, at most; budget: "flops" (multiply-adds
+    for one input) or "params" (Conv2d/Linear weights); method: a registered name (:func:`available`) or a
+    :class:`StructureMethod`, its options as keywords; residual: also prune the residual streams (channels added
+    by skip connections); example_inputs / input_shape: what the model is called with, for tracing and counting
+    (defaults exist for the package's models; else the first input of ``data``).
+
+    Returns a :class:`~chita_minimal.structure.channels.ChannelReport`: ``model`` the new smaller network (the
+    model given is left untouched), ``keep`` the kept channels per group, ``achieved`` the fraction of the budget
+    removed, measured on the small model.
+    """
+    t0 = time.perf_counter()
+    fraction = channels.check_fraction(fraction)
+    check_choice("budget", budget, channels.BUDGETS)
+    if not isinstance(residual, bool):
+        raise TypeError(f"residual must be a bool, got {type(residual).__name__}")
+    check_int("seed", seed, None)
+    m = get(method, **options)
+    if m.needs_data and data is None:
+        raise ValueError(f"structure method {m.name!r} needs calibration data; got data=None")
+    if example_inputs is None and input_shape is None and channels.default_input_shape(model) is None \
+            and data is not None:
+        example_inputs = _first_input(data)
+    shape = channels._input_shape(model, input_shape, example_inputs)
+    example_inputs = example_inputs_for(model, example_inputs, shape)
+    run = Run(budget, residual, example_inputs, shape, seed)
+    small, keep = m.remove(model, data, fraction, run)
+    measure = channels.flops if budget == "flops" else channels.weight_count
+    dense_cost, small_cost = measure(model, shape), measure(small, shape)
+    report = channels.ChannelReport(method=m.name, target=fraction, achieved=1.0 - small_cost / dense_cost,
+                                    seconds={"total": time.perf_counter() - t0}, model=small, keep=keep,
+                                    flops_dense=channels.flops(model, shape), flops_pruned=channels.flops(small, shape))
+    report.notes.append(f"budget {budget}: {dense_cost:,} → {small_cost:,}")
+    return report
+
+
+def _first_input(data):
+    """One input (batch of 1) from a dataset, a DataLoader or an iterable of (x, y) batches."""
+    if isinstance(data, torch.utils.data.Dataset):
+        x = data[0][0]
+        return x.unsqueeze(0) if isinstance(x, torch.Tensor) else x
+    batch = next(iter(data))
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    return x[:1] if isinstance(x, torch.Tensor) else x
+
+
+# ----------------------------------------------------------------------------- the methods
+
+
+@register
+@dataclass
+class L1(StructureMethod):
+    """L1 norm of every filter that writes the channel (Li et al., ICLR 2017), summed over all producers."""
+
+    name = "l1"
+    summary = "L1 norm of the filters writing each channel (Li et al. 2017); no data"
+    needs_data = False
+
+    def scores(self, model, data, run):
+        return channels.l1_scores(model, residual=run.residual, example_inputs=run.example_inputs)
+
+
+@dataclass
+class _Gradients(StructureMethod):
+    n_grads: int = 128
+    batch_size: int = 1
+
+    def check(self):
+        check_int("n_grads", self.n_grads)
+        check_int("batch_size", self.batch_size)
+
+
+@register
+@dataclass
+class Taylor(_Gradients):
+    """First-order Taylor importance (Molchanov et al., CVPR 2019): mean over samples of (g_i · w_c)²."""
+
+    name = "taylor"
+    summary = "first-order Taylor importance (g·w)² per channel (Molchanov et al. 2019)"
+
+    def scores(self, model, data, run):
+        return channels.taylor_scores(model, data, self.n_grads, batch_size=self.batch_size, seed=run.seed,
+                                      residual=run.residual, example_inputs=run.example_inputs)
+
+
+@register
+@dataclass
+class SOSP(_Gradients):
+    """SOSP-H (Nonnenmacher et al., ICLR 2022): second-order channel saliency from the empirical Fisher."""
+
+    name = "sosp"
+    summary = "SOSP-H second-order channel saliency (Fisher, Hessian-free)"
+
+    def scores(self, model, data, run):
+        from chita_minimal.structure.sosp import sosp_scores
+
+        _plain_groups(self.name, run)
+        return sosp_scores(model, data, self.n_grads, seed=run.seed, batch_size=self.batch_size)
+
+
+@register
+@dataclass
+class Spectral(_Gradients):
+    """Channel scores from the spectral radius of each channel's curvature block (Fisher or Hessian)."""
+
+    name = "spectral"
+    summary = "spectral radius of each channel's Fisher/Hessian block"
+    curvature: str = "fisher"
+    iterations: int = 20
+
+    def check(self):
+        super().check()
+        check_choice("curvature", self.curvature, ("fisher", "hessian"))
+        check_int("iterations", self.iterations)
+
+    def scores(self, model, data, run):
+        from chita_minimal.structure.spectral import spectral_scores
+
+        _plain_groups(self.name, run)
+        return spectral_scores(model, data, self.n_grads, curvature=self.curvature, seed=run.seed,
+                               iterations=self.iterations, batch_size=self.batch_size)
+
+
+@register
+@dataclass
+class GroupCHITA(_Gradients):
+    """Group-CHITA: problem (P) under a group-L0 constraint, IHT with group projection and line search, then the
+    backsolve on the kept channels (weights of the kept channels refit); counts per group from L1 + the budget."""
+
+    name = "group-chita"
+    summary = "CHITA's problem (P) with whole channels as groups: group IHT + backsolve (weights refit)"
+    l2: float = 1e-3
+    max_iter: int = 100
+    swap_rounds: int = 10
+
+    def check(self):
+        super().check()
+        check_number("l2", self.l2, low=0)
+        check_int("max_iter", self.max_iter)
+        check_int("swap_rounds", self.swap_rounds, low=0)
+
+    def remove(self, model, data, fraction, run):
+        work = copy.deepcopy(model)  # group_chita_prune writes the refit weights back into the model it is given
+        report = channels.group_chita_prune(work, data, fraction, n_grads=self.n_grads, l2=self.l2,
+                                            batch_size=self.batch_size, seed=run.seed, input_shape=run.input_shape,
+                                            max_iter=self.max_iter, swap_rounds=self.swap_rounds,
+                                            residual=run.residual, example_inputs=run.example_inputs,
+                                            budget=run.budget)
+        return report.model, report.keep
+
+
+@register
+@dataclass
+class ISpaSP(StructureMethod):
+    """I-SpaSP (Wolfe et al. 2021): CoSaMP-style selection of each group's channels on hidden outputs, consumer
+    columns rescaled by least squares; the same keep ratio in every group."""
+
+    name = "ispasp"
+    summary = "I-SpaSP: sparse recovery of each layer's hidden output (forward passes only)"
+    n_samples: int = 64
+    iterations: int = 10
+    batch_size: int = 16
+
+    def check(self):
+        check_int("n_samples", self.n_samples)
+        check_int("iterations", self.iterations, 0)
+        check_int("batch_size", self.batch_size)
+
+    def remove(self, model, data, fraction, run):
+        from chita_minimal.structure.ispasp import ispasp_prune
+
+        _plain_groups(self.name, run, budget=True)
+        report = ispasp_prune(model, data, fraction, n_samples=self.n_samples, iterations=self.iterations,
+                              seed=run.seed, batch_size=self.batch_size, input_shape=run.input_shape)
+        return report.model, report.keep
+
+
+def _plain_groups(name: str, run: Run, budget: bool = False) -> None:
+    """The methods that do not yet handle residual streams (or a parameter budget) say so in the user's words."""
+    if run.residual:
+        raise ValueError(f"structure method {name!r} does not prune residual streams yet: use residual=False")
+    if budget and run.budget != "flops":
+        raise ValueError(f"structure method {name!r} meets a FLOP budget only: use budget='flops'")
