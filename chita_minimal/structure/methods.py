@@ -162,9 +162,13 @@ def shrink(model: nn.Module, data=None, fraction: float = 0.5, method="l1", *, b
     if not isinstance(residual, bool):
         raise TypeError(f"residual must be a bool, got {type(residual).__name__}")
     check_int("seed", seed, None)
+    if isinstance(method, str) and method == "l1" and _is_language_model(model):
+        method = "lm-chita"  # the default on a language model
     m = get(method, **options)
     if m.needs_data and data is None:
         raise ValueError(f"structure method {m.name!r} needs calibration data; got data=None")
+    if isinstance(m, LanguageStructureMethod) or _is_language_model(model):
+        return _shrink_language_model(model, data, fraction, m, budget, t0)
     if example_inputs is None and input_shape is None and channels.default_input_shape(model) is None \
             and data is not None:
         example_inputs = _first_input(data)
@@ -178,6 +182,35 @@ def shrink(model: nn.Module, data=None, fraction: float = 0.5, method="l1", *, b
                                     seconds={"total": time.perf_counter() - t0}, model=small, keep=keep,
                                     flops_dense=channels.flops(model, shape), flops_pruned=channels.flops(small, shape))
     report.notes.append(f"budget {budget}: {dense_cost:,} → {small_cost:,}")
+    return report
+
+
+def _is_language_model(model) -> bool:
+    from chita_minimal.methods.layer_method import has_decoder_blocks
+
+    return has_decoder_blocks(model)
+
+
+def _shrink_language_model(model, data, fraction, m, budget, t0):
+    from chita_minimal.network.lm_structure import decoder_macs, shrink_decoder
+
+    if not isinstance(m, LanguageStructureMethod):
+        raise ValueError(f"structure method {m.name!r} prunes channels of CNNs; for a language model use one of "
+                         + ", ".join(n for n, c in REGISTRY.items() if issubclass(c, LanguageStructureMethod)))
+    if not _is_language_model(model):
+        raise ValueError(f"structure method {m.name!r} needs a Hugging Face language model with decoder blocks")
+    if budget != "flops":
+        raise ValueError("on a language model the budget is the decoder's multiply-adds: use budget='flops'")
+    small = copy.deepcopy(model)
+    info = shrink_decoder(small, data, fraction, m.choose, batch_size=m.batch_size)
+    dense_cost, small_cost = decoder_macs(model), decoder_macs(small)
+    report = channels.ChannelReport(method=m.name, target=fraction, achieved=1.0 - small_cost / dense_cost,
+                                    seconds=dict(info["seconds"], total=time.perf_counter() - t0), model=small,
+                                    keep=info["keep"], flops_dense=dense_cost, flops_pruned=small_cost)
+    report.notes.append("flops: multiply-adds per token of the decoder's linear maps (attention scores aside)")
+    if info["objective"]:
+        errs = [o["objective"] for o in info["objective"].values()]
+        report.notes.append(f"consumer reconstruction error f/f(∅): mean {sum(errs) / len(errs):.4g}")
     return report
 
 
@@ -328,3 +361,85 @@ def _plain_groups(name: str, run: Run, budget: bool = False) -> None:
         raise ValueError(f"structure method {name!r} does not prune residual streams yet: use residual=False")
     if budget and run.budget != "flops":
         raise ValueError(f"structure method {name!r} meets a FLOP budget only: use budget='flops'")
+
+
+# ----------------------------------------------------------------------------- language models
+
+
+@dataclass
+class LanguageStructureMethod(StructureMethod):
+    """A structure method for the decoder of a language model (:mod:`chita_minimal.network.lm_structure`): it
+    says, for one consumer layer (``down_proj`` for MLP neurons, ``o_proj`` for key/value groups), which groups
+    of its input columns to keep, through :meth:`choose`."""
+
+    batch_size: int = 8
+
+    def check(self):
+        check_int("batch_size", self.batch_size)
+
+    def choose(self, W, H, groups, keep, producers):
+        """(kept (G,) bool, the consumer's new weight or None to keep its weights[, info])."""
+        raise NotImplementedError
+
+
+def _top(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    kept = torch.zeros(scores.numel(), dtype=torch.bool)
+    kept[torch.topk(scores.cpu(), keep).indices] = True
+    return kept
+
+
+@register
+@dataclass
+class LMMagnitude(LanguageStructureMethod):
+    """The groups of largest weight norm: ‖producer rows‖² + ‖consumer columns‖² of each unit; no data read."""
+
+    name = "lm-magnitude"
+    summary = "language model: MLP neurons / KV groups of largest weight norm (no refit)"
+
+    def choose(self, W, H, groups, keep, producers):
+        from chita_minimal.solver.group_layer import group_scores
+
+        score = group_scores(W, H, groups, "norm") ** 2
+        for P in producers.values():  # each producer's rows come in equal runs per group (r query heads, 1 kv)
+            score = score + (P.to(torch.float64) ** 2).sum(1).view(groups.shape[0], -1).sum(1).to(score.device)
+        return _top(score, keep), None
+
+
+@register
+@dataclass
+class LMWanda(LanguageStructureMethod):
+    """Wanda per group: Σ over the group's consumer columns of ‖W_{:,j}‖²·‖X_j‖²/N (activation-weighted); no refit."""
+
+    name = "lm-wanda"
+    summary = "language model: groups by activation-weighted consumer norms (Wanda per group; no refit)"
+
+    def choose(self, W, H, groups, keep, producers):
+        from chita_minimal.solver.group_layer import group_scores
+
+        return _top(group_scores(W, H, groups, "wanda"), keep), None
+
+
+@register
+@dataclass
+class LMChita(LanguageStructureMethod):
+    """CHITA on the structured layer problem (OSSCAR's): greedy OBS group removal, swap local search with
+    restarts, backsolve of the consumer on the kept groups (:func:`~chita_minimal.solver.group_layer.select_groups`)."""
+
+    name = "lm-chita"
+    summary = "language model: CHITA/OSSCAR group selection on the layer Gram (OBS greedy, swaps, backsolve)"
+    percdamp: float = 0.01
+    swap_rounds: int = 10
+    restarts: int = 0
+
+    def check(self):
+        super().check()
+        check_number("percdamp", self.percdamp, low=0)
+        check_int("swap_rounds", self.swap_rounds, low=0)
+        check_int("restarts", self.restarts, low=0)
+
+    def choose(self, W, H, groups, keep, producers):
+        from chita_minimal.solver.group_layer import select_groups
+
+        kept, What, info = select_groups(W, H.to(W.dtype), groups.to(W.device), keep, percdamp=self.percdamp,
+                                         swap_rounds=self.swap_rounds, restarts=self.restarts)
+        return kept, What, info

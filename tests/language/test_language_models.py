@@ -219,3 +219,57 @@ def test_n_m_on_gpt2_conv1d_runs_along_the_inputs():
     for m in conv:
         rows = m.weight.detach().T  # (out, in)
         assert ((rows.reshape(rows.shape[0], -1, 4) != 0).sum(-1) == 2).all()
+
+
+@pytest.mark.parametrize("method", ["lm-magnitude", "lm-wanda", "lm-chita"])
+def test_shrink_removes_neurons_and_kv_groups_of_a_llama(method):
+    """cm.shrink on a tiny Llama (2 KV groups of 2 query heads): the budget of decoder multiply-adds is met, the
+    units are gone from the weights, the model runs and generates, and the model given is untouched."""
+    from chita_minimal.network.lm_structure import decoder_macs
+
+    model = tiny("llama")
+    before = state(model)
+    data = windows(4, 12)
+    report = cm.shrink(model, data, 0.5, method)
+    small = report.model
+    assert 0.4 < report.achieved <= 0.5 + 1e-9
+    assert report.achieved == pytest.approx(1 - decoder_macs(small) / decoder_macs(model))
+    for block in small.model.layers:
+        assert block.mlp.gate_proj.out_features == block.mlp.down_proj.in_features < 48
+        assert block.self_attn.k_proj.out_features == 8  # one of the two key/value groups (head_dim 8) kept
+        assert block.self_attn.q_proj.out_features == block.self_attn.o_proj.in_features == 16
+    with torch.no_grad():
+        out = small(data.ids[:2]).logits
+    assert out.shape == (2, 12, VOCAB) and torch.isfinite(out).all()
+    small.generate(data.ids[:1, :4], max_new_tokens=3, do_sample=False)
+    assert same(before, state(model))
+
+
+def test_shrink_keeps_the_function_when_the_removed_units_are_zero():
+    """Neurons whose down_proj columns are zero and a key/value group whose o_proj columns are zero contribute
+    nothing: removing exactly them (lm-magnitude picks them: lowest norms) leaves the logits unchanged."""
+    model = tiny("llama")
+    with torch.no_grad():
+        for block in model.model.layers:
+            block.mlp.down_proj.weight[:, :24] = 0
+            block.mlp.gate_proj.weight[:24] = 0
+            block.mlp.up_proj.weight[:24] = 0
+            block.self_attn.o_proj.weight[:, :16] = 0  # group 0: query heads 0 and 1 (head_dim 8)
+            block.self_attn.q_proj.weight[:16] = 0
+            block.self_attn.k_proj.weight[:8] = 0
+            block.self_attn.v_proj.weight[:8] = 0
+    data = windows(4, 12)
+    report = cm.shrink(model, data, 0.5, "lm-magnitude")
+    assert all(not k[:24].any() if k.numel() == 48 else not k[0] for k in report.keep.values())
+    with torch.no_grad():
+        assert torch.allclose(report.model(data.ids).logits, model(data.ids).logits, atol=1e-5)
+
+
+def test_shrink_on_a_language_model_clear_errors():
+    model = tiny("llama")
+    with pytest.raises(ValueError, match="prunes channels of CNNs; for a language model use one of lm-"):
+        cm.shrink(model, windows(), 0.3, "taylor")
+    with pytest.raises(ValueError, match="budget='flops'"):
+        cm.shrink(model, windows(), 0.3, "lm-chita", budget="params")
+    with pytest.raises(ValueError, match="Llama-style decoder blocks"):
+        cm.shrink(tiny("gpt2"), windows(), 0.3, "lm-chita")
