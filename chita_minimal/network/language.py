@@ -131,3 +131,44 @@ def perplexity(model: nn.Module, windows, *, batch_size: int = 4, progress: bool
     finally:
         model.train(was_training)
     return math.exp(total / count)
+
+
+@torch.no_grad()
+def throughput(model: nn.Module, ids: torch.Tensor, *, new_tokens: int = 32, prompt: int = 16,
+               repeats: int = 3) -> dict[str, float]:
+    """Measured speed of a causal LM on this machine: {"prefill_tokens_per_s", "generate_tokens_per_s"}.
+
+    Prefill: one forward pass over ``ids`` (B, T) without a cache, B·T tokens per pass; generation: greedy
+    decoding of ``new_tokens`` tokens after the first ``prompt`` tokens of ``ids[0]`` with the model's key/value
+    cache, tokens per second after the prompt's own pass. Each figure is the best of ``repeats`` timed runs after
+    one warm-up (the thread count is torch's current one): compare models measured in the same process.
+    """
+    import time
+
+    if ids.dim() != 2 or ids.shape[1] < prompt:
+        raise ValueError(f"ids must be (batch, length ≥ prompt = {prompt}), got shape {tuple(ids.shape)}")
+    dev = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    x = ids.to(dev)
+    start = x[:1, :prompt]
+    pad = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+
+    def timed(fn) -> float:
+        fn()
+        best = math.inf
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    try:
+        prefill = timed(lambda: model(x, use_cache=False))
+        first = timed(lambda: model(start, use_cache=True))
+        gen = timed(lambda: model.generate(start, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                           do_sample=False, pad_token_id=pad))
+    finally:
+        model.train(was_training)
+    return {"prefill_tokens_per_s": x.numel() / prefill,
+            "generate_tokens_per_s": new_tokens / max(gen - first, 1e-9)}

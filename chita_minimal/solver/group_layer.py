@@ -73,7 +73,7 @@ def _removal_costs(W: torch.Tensor, Hd: torch.Tensor, groups: torch.Tensor, kept
     Wq = What.view(W.shape[0], n, s).permute(1, 0, 2)  # (n, r, s)
     costs = torch.full((groups.shape[0],), math.inf, dtype=W.dtype, device=W.device)
     costs[kept] = (Wq * torch.linalg.solve(blocks, Wq.transpose(1, 2)).transpose(1, 2)).sum((1, 2))
-    return costs, What, cols
+    return costs, What, cols, Hinv
 
 
 def _addition_gains(W: torch.Tensor, Hd: torch.Tensor, groups: torch.Tensor, kept: torch.Tensor, What, cols):
@@ -93,6 +93,29 @@ def _addition_gains(W: torch.Tensor, Hd: torch.Tensor, groups: torch.Tensor, kep
     return gains
 
 
+def _swap_deltas(W, Hd, groups, kept, What, cols, Hinv):
+    """For single-column groups: the exact change of f for every swap (a removed column in, a kept one out), from
+    the refit on S and H_S⁻¹: adding a lowers f by g_a²/σ_a (σ_a the Schur complement, g_a = ((W − Ŵ)H_λ)_{:,a}),
+    moves Ŵ_S by −(g_a/σ_a)·u_aᵀ and (H⁻¹)_bb by u_ab²/σ_a (u_a = H_S⁻¹(H_λ)_{S,a}); removing b then costs
+    ‖Ŵ'_b‖²/(H'⁻¹)_bb. Returns (best change, group in, group out)."""
+    out = (~kept).nonzero().squeeze(1)
+    col_out = groups[out, 0]
+    R = (W - _embed(What, cols, W.shape[1])) @ Hd[:, col_out]  # (r, m) g_a
+    HSA = Hd[cols][:, col_out]  # (|S|, m)
+    U = Hinv @ HSA
+    sigma = Hd[col_out, col_out] - (HSA * U).sum(0)  # (m,)
+    Cm = R / sigma  # (r, m) the new weight of column a
+    gain = (R * R).sum(0) / sigma
+    P = What.T @ Cm  # (|S|, m)
+    num = (What * What).sum(0)[:, None] - 2 * U * P + U ** 2 * (Cm * Cm).sum(0)[None, :]
+    den = Hinv.diagonal()[:, None] + U ** 2 / sigma[None, :]
+    delta = num / den - gain[None, :]  # (|S|, m): b out (rows), a in (columns)
+    best = int(torch.argmin(delta))
+    b_pos, a_pos = divmod(best, delta.shape[1])
+    kept_idx = kept.nonzero().squeeze(1)
+    return float(delta.view(-1)[best]), int(out[a_pos]), int(kept_idx[b_pos])
+
+
 def _embed(What, cols, d):
     out = torch.zeros(What.shape[0], d, dtype=What.dtype, device=What.device)
     out[:, cols] = What
@@ -100,7 +123,7 @@ def _embed(What, cols, d):
 
 
 def select_groups(W: torch.Tensor, H: torch.Tensor, groups: torch.Tensor, keep: int, *, percdamp: float = 0.01,
-                  chunks: int = 8, swap_rounds: int = 10, candidates: int = 4, restarts: int = 4,
+                  chunks: int = 8, swap_rounds: int = 10, candidates: int = 4, restarts: int = 8,
                   exhaustive: int = 64):
     """Keep ``keep`` of the column groups of W (r × d) with H = XᵀX/N (d × d): phases 1–3 of the module.
 
@@ -139,7 +162,7 @@ def select_groups(W: torch.Tensor, H: torch.Tensor, groups: torch.Tensor, keep: 
             if left <= 0:
                 break
             take = math.ceil(left / (chunks - step))
-            costs, _, _ = _removal_costs(W64, Hd, groups, kept)
+            costs = _removal_costs(W64, Hd, groups, kept)[0]
             kept[torch.topk(costs, take, largest=False).indices] = False
         kept, f, swaps = _swap_search(W64, Hd, groups, kept, swap_rounds, candidates)
         gen = torch.Generator().manual_seed(0)
@@ -165,7 +188,15 @@ def _swap_search(W, Hd, groups, kept, rounds, candidates):
     for _ in range(rounds):
         if bool(kept.all()) or not bool(kept.any()):
             break
-        costs, What, cols = _removal_costs(W, Hd, groups, kept)
+        costs, What, cols, Hinv = _removal_costs(W, Hd, groups, kept)
+        if groups.shape[1] == 1:  # single columns (MLP neurons): every swap evaluated exactly at once
+            delta, a, b = _swap_deltas(W, Hd, groups, kept, What, cols, Hinv)
+            if delta >= -1e-12 * abs(f):
+                break
+            kept = kept.clone()
+            kept[a], kept[b] = True, False
+            f, swaps = f + delta, swaps + 1
+            continue
         gains = _addition_gains(W, Hd, groups, kept, What, cols)
         ins = torch.topk(gains, min(candidates, int((~kept).sum()))).indices.tolist()
         outs = torch.topk(costs, min(candidates, int(kept.sum())), largest=False).indices.tolist()

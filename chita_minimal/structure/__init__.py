@@ -2,7 +2,7 @@
 
 | module | what |
 |---|---|
-| ``methods`` | ``shrink(model, data, fraction, method=...)`` (``cm.shrink``): one call, a registry of structure methods |
+| ``methods`` | ``shrink(model, data, fraction, method=...)`` (``cm.shrink``): one call, a registry of structure methods (CNN channels; a language model's MLP neurons and key/value groups) |
 | ``graph`` | channel groups of any traceable model, from Torch-Pruning's dependency graph |
 | ``channels`` | ``shrink`` (channels really removed), FLOP counter, L1/Taylor scores, FLOP-budget selection, group-CHITA |
 | ``sosp`` | SOSP-H channel scores (second-order, Fisher) |

@@ -273,3 +273,13 @@ def test_shrink_on_a_language_model_clear_errors():
         cm.shrink(model, windows(), 0.3, "lm-chita", budget="params")
     with pytest.raises(ValueError, match="Llama-style decoder blocks"):
         cm.shrink(tiny("gpt2"), windows(), 0.3, "lm-chita")
+
+
+def test_throughput_measures_prefill_and_generation():
+    from chita_minimal.network.language import throughput
+
+    model = tiny("llama")
+    speed = throughput(model, windows(2, 20).ids, new_tokens=4, prompt=8, repeats=1)
+    assert speed["prefill_tokens_per_s"] > 0 and speed["generate_tokens_per_s"] > 0
+    with pytest.raises(ValueError, match="ids must be"):
+        throughput(model, windows(2, 4).ids, prompt=8)
