@@ -274,8 +274,8 @@ class SOSP(_Gradients):
     def scores(self, model, data, run):
         from chita_minimal.structure.sosp import sosp_scores
 
-        _plain_groups(self.name, run)
-        return sosp_scores(model, data, self.n_grads, seed=run.seed, batch_size=self.batch_size)
+        return sosp_scores(model, data, self.n_grads, seed=run.seed, batch_size=self.batch_size,
+                           residual=run.residual, example_inputs=run.example_inputs)
 
 
 @register

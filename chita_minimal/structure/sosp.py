@@ -37,11 +37,12 @@ from chita_minimal.structure.channels import channel_groups, weight_groups
 from chita_minimal.utils import renamed
 
 
-def group_weight_names(model: nn.Module) -> list[str]:
-    """The producer and consumer weight names of every channel group, each once, in group order."""
+def group_weight_names(model: nn.Module, *, residual: bool = False, example_inputs=None) -> list[str]:
+    """The weight names of every producer and consumer of every channel group, each once, in group order (a
+    group may have several: a depthwise conv with its pointwise producer, the convs of a residual stream)."""
     names = []
-    for gr in channel_groups(model).values():  # TypeError for unsupported models
-        for pname in (f"{gr.producer}.weight", f"{gr.consumer}.weight"):
+    for gr in channel_groups(model, example_inputs, residual=residual).values():
+        for pname in [f"{m}.weight" for m in gr.producers + gr.consumers]:
             if pname not in names:
                 names.append(pname)
     return names
@@ -53,9 +54,13 @@ def group_param_names(model: nn.Module) -> list[str]:
     return group_weight_names(model)
 
 
-def sosp_from_sample(model: nn.Module, sample: fisher.FisherSample) -> dict[str, torch.Tensor]:
+def sosp_from_sample(model: nn.Module, sample: fisher.FisherSample, *, residual: bool = False,
+                     example_inputs=None) -> dict[str, torch.Tensor]:
     """SOSP-H scores from an existing :class:`fisher.FisherSample` whose layout covers the
-    producer and consumer weights of every channel group (see module docstring for the formula).
+    producer and consumer weights of every channel group (see module docstring for the formula). A channel's
+    coordinates are its rows of every producer and its columns of every consumer, through the group's index maps
+    (:func:`~chita_minimal.structure.channels.weight_groups`); ``residual``, ``example_inputs``: as for
+    :func:`~chita_minimal.structure.channels.channel_groups`.
 
     Returns dict group name → (channels,) scores (float64, CPU), as :func:`structured.select` wants.
     """
@@ -64,7 +69,8 @@ def sosp_from_sample(model: nn.Module, sample: fisher.FisherSample) -> dict[str,
     if sample.sharded:
         raise ValueError("sosp_from_sample needs all n rows of X (an unsharded sample)")
     lay = sample.layout
-    missing = [p for p in group_weight_names(model) if p not in lay.names]
+    missing = [p for p in group_weight_names(model, residual=residual, example_inputs=example_inputs)
+               if p not in lay.names]
     if missing:
         raise ValueError(f"sample lacks parameter(s) {missing} needed by the channel groups")
     X = sample.X  # (n, p)
@@ -74,14 +80,14 @@ def sosp_from_sample(model: nn.Module, sample: fisher.FisherSample) -> dict[str,
     Fw = X.T.mv(X.mv(w)) / X.shape[0]  # (p,) Fisher-vector product, F = XᵀX/n never formed
     first = (w * sample.mean_grad.to(X)).double()  # (p,) w ⊙ ḡ
     second = (w * Fw).double()  # (p,) w ⊙ Fw
-    idx, owner = weight_groups(model, lay)
+    idx, owner = weight_groups(model, lay, residual=residual, example_inputs=example_inputs)
     gid = torch.repeat_interleave(torch.arange(len(idx)), torch.tensor([len(ix) for ix in idx])).to(X.device)
     flat = torch.cat(idx).to(X.device)
     s1 = torch.zeros(len(idx), dtype=torch.float64, device=X.device).index_add_(0, gid, first[flat])
     s2 = torch.zeros(len(idx), dtype=torch.float64, device=X.device).index_add_(0, gid, second[flat])
     s = (s1.abs() + 0.5 * s2.abs()).cpu()  # (channels of all groups,)
     out, j = {}, 0
-    for name in channel_groups(model):
+    for name in channel_groups(model, example_inputs, residual=residual):
         c = owner.count(name)
         out[name] = s[j:j + c].clone()
         j += c
@@ -89,16 +95,18 @@ def sosp_from_sample(model: nn.Module, sample: fisher.FisherSample) -> dict[str,
 
 
 @renamed(n="n_grads")
-def sosp_scores(model: nn.Module, dataset, n_grads: int, *, seed: int = 0, batch_size: int = 1) -> dict[str, torch.Tensor]:
-    """SOSP-H saliency of every channel of a ResNetCifar / MLPNet: dict group → (channels,) scores.
+def sosp_scores(model: nn.Module, dataset, n_grads: int, *, seed: int = 0, batch_size: int = 1,
+                residual: bool = False, example_inputs=None) -> dict[str, torch.Tensor]:
+    """SOSP-H saliency of every channel of any traceable model: dict group → (channels,) scores.
 
     Draws X (n×p) with :func:`fisher.gradients` (``n_grads`` rows of ``batch_size`` samples, permutation
     seeded with ``seed``) restricted to the producer and consumer weights of all channel groups,
     then applies :func:`sosp_from_sample`. Low score = cheap to remove; feed the result to
-    :func:`structured.select`. TypeError for unsupported models, errors of
-    :func:`fisher.gradients` for bad ``n_grads`` / ``batch_size`` / ``seed`` / ``dataset``. ``n`` is the
-    deprecated old name of ``n_grads``.
+    :func:`structured.select`. ``residual``, ``example_inputs``: as for
+    :func:`~chita_minimal.structure.channels.channel_groups` (models other than the package's need
+    ``example_inputs``); errors of :func:`fisher.gradients` for bad ``n_grads`` / ``batch_size`` / ``seed`` /
+    ``dataset``. ``n`` is the deprecated old name of ``n_grads``.
     """
-    names = group_weight_names(model)
+    names = group_weight_names(model, residual=residual, example_inputs=example_inputs)
     sample = fisher.gradients(model, dataset, n_grads, batch_size=batch_size, names=names, seed=seed, progress=False)
-    return sosp_from_sample(model, sample)
+    return sosp_from_sample(model, sample, residual=residual, example_inputs=example_inputs)
