@@ -296,9 +296,9 @@ class Spectral(_Gradients):
     def scores(self, model, data, run):
         from chita_minimal.structure.spectral import spectral_scores
 
-        _plain_groups(self.name, run)
         return spectral_scores(model, data, self.n_grads, curvature=self.curvature, seed=run.seed,
-                               iterations=self.iterations, batch_size=self.batch_size)
+                               iterations=self.iterations, batch_size=self.batch_size, residual=run.residual,
+                               example_inputs=run.example_inputs)
 
 
 @register

@@ -57,12 +57,12 @@ def _split(idx, owner, groups):
     return {name: torch.stack([ix for ix, o in zip(idx, owner) if o == name]) for name in groups}
 
 
-def _fisher_radii(model, dataset, n_grads, batch_size, seed, names):
+def _fisher_radii(model, dataset, n_grads, batch_size, seed, names, residual=False, example_inputs=None):
     sample = fisher.gradients(model, dataset, n_grads, batch_size=batch_size, names=names, seed=seed, progress=False)
     X = sample.X  # (n, p)
-    idx, owner = weight_groups(model, sample.layout)
+    idx, owner = weight_groups(model, sample.layout, residual=residual, example_inputs=example_inputs)
     out = {}
-    for name, ix in _split(idx, owner, channel_groups(model)).items():
+    for name, ix in _split(idx, owner, channel_groups(model, example_inputs, residual=residual)).items():
         XG = X[:, ix.to(X.device).reshape(-1)].view(X.shape[0], *ix.shape).transpose(0, 1)  # (C, n, |G|)
         out[name] = torch.linalg.matrix_norm(XG.double(), ord=2) ** 2 / X.shape[0]  # σ_max² / n
     return out, sample.layout
@@ -97,9 +97,10 @@ def top_abs_eigenvalue(matvec, dim: int, iterations: int, generator: torch.Gener
     return float(torch.linalg.eigvalsh(0.5 * (M + M.T)).abs().max())
 
 
-def _hessian_radii(model, dataset, n_grads, batch_size, seed, names, iterations, max_hvps):
+def _hessian_radii(model, dataset, n_grads, batch_size, seed, names, iterations, max_hvps, residual=False,
+                   example_inputs=None):
     lay = layout(model, names)
-    idx, owner = weight_groups(model, lay)
+    idx, owner = weight_groups(model, lay, residual=residual, example_inputs=example_inputs)
     hvps = sum(min(iterations, len(ix)) for ix in idx)
     if hvps > max_hvps:
         raise ValueError(f"the hessian curvature needs {hvps} Hessian-vector products "
@@ -112,7 +113,7 @@ def _hessian_radii(model, dataset, n_grads, batch_size, seed, names, iterations,
         raise ValueError(f"dataset has {len(dataset)} samples but n_grads·batch_size = {N} are needed")
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(dataset), generator=gen)[:N].view(1, N)  # the samples fisher.gradients draws
-    out = {name: [] for name in channel_groups(model)}
+    out = {name: [] for name in channel_groups(model, example_inputs, residual=residual)}
     with fisher.prepared(model, None) as dev:  # eval mode (BN running statistics), modes restored
         prms = dict(model.named_parameters())
         dtype = prms[lay.names[0]].dtype
@@ -140,12 +141,15 @@ def _hessian_radii(model, dataset, n_grads, batch_size, seed, names, iterations,
 
 @renamed(n="n_grads")
 def spectral_radii(model: nn.Module, dataset, n_grads: int, *, curvature: str = "fisher", seed: int = 0,
-                   iterations: int = 20, batch_size: int = 1, max_hvps: int = 5000) -> dict[str, torch.Tensor]:
+                   iterations: int = 20, batch_size: int = 1, max_hvps: int = 5000, residual: bool = False,
+                   example_inputs=None) -> dict[str, torch.Tensor]:
     """ρ(H_GG) of every channel: dict group → (channels,) float64 on the CPU (see the module docstring).
 
     ``n_grads`` rows of ``batch_size`` samples drawn with ``seed`` (as :func:`fisher.gradients`; ``n``
     is the deprecated old name of ``n_grads``); ``iterations`` and ``max_hvps`` matter for
-    ``curvature="hessian"`` only.
+    ``curvature="hessian"`` only. ``residual``, ``example_inputs``: as for
+    :func:`~chita_minimal.structure.channels.channel_groups` (a channel's coordinates are its rows of every
+    producer and columns of every consumer).
     """
     if curvature not in CURVATURES:
         raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
@@ -154,27 +158,29 @@ def spectral_radii(model: nn.Module, dataset, n_grads: int, *, curvature: str = 
     check_int("seed", seed, None)
     iterations = check_int("iterations", iterations)
     max_hvps = check_int("max_hvps", max_hvps)
-    names = group_weight_names(model)  # TypeError for unsupported models
+    names = group_weight_names(model, residual=residual, example_inputs=example_inputs)
     if curvature == "fisher":
-        rho, _ = _fisher_radii(model, dataset, n_grads, batch_size, seed, names)
+        rho, _ = _fisher_radii(model, dataset, n_grads, batch_size, seed, names, residual, example_inputs)
     else:
-        rho, _ = _hessian_radii(model, dataset, n_grads, batch_size, seed, names, iterations, max_hvps)
+        rho, _ = _hessian_radii(model, dataset, n_grads, batch_size, seed, names, iterations, max_hvps, residual,
+                                example_inputs)
     return {k: v.cpu() for k, v in rho.items()}
 
 
 @renamed(n="n_grads")
 def spectral_scores(model: nn.Module, dataset, n_grads: int, *, curvature: str = "fisher", seed: int = 0,
-                    iterations: int = 20, batch_size: int = 1, max_hvps: int = 5000) -> dict[str, torch.Tensor]:
+                    iterations: int = 20, batch_size: int = 1, max_hvps: int = 5000, residual: bool = False,
+                    example_inputs=None) -> dict[str, torch.Tensor]:
     """s_G = ½ ρ(H_GG) ‖w_G‖² per channel: dict group → (channels,) float64 CPU, for :func:`select`.
 
     It bounds the quadratic loss change ½ w_Gᵀ H_GG w_G of removing the channel from above.
     Arguments as :func:`spectral_radii` (``n``: the deprecated old name of ``n_grads``).
     """
     rho = spectral_radii(model, dataset, n_grads, curvature=curvature, seed=seed, iterations=iterations,
-                         batch_size=batch_size, max_hvps=max_hvps)
-    lay = layout(model, group_weight_names(model))
+                         batch_size=batch_size, max_hvps=max_hvps, residual=residual, example_inputs=example_inputs)
+    lay = layout(model, group_weight_names(model, residual=residual, example_inputs=example_inputs))
     w = torch.cat([model.get_parameter(k).detach().reshape(-1) for k in lay.names]).double()
-    idx, owner = weight_groups(model, lay)
+    idx, owner = weight_groups(model, lay, residual=residual, example_inputs=example_inputs)
     out = {}
     for name, ix in _split(idx, owner, rho).items():
         sq = (w[ix.to(w.device)] ** 2).sum(1).cpu()  # ‖w_G‖², (C,)
