@@ -1,5 +1,6 @@
 """cm.shrink: structure removed in one call, with a registry of structure methods."""
 
+import copy
 from dataclasses import dataclass
 
 import pytest
@@ -127,3 +128,36 @@ def test_bad_input_gets_a_clear_error_and_the_model_is_untouched(kwargs, error, 
     with pytest.raises(error, match=match):
         cm.shrink(net, **call)
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+@pytest.mark.parametrize("method,options", [("l1", {}), ("taylor", dict(n_grads=4)), ("sosp", dict(n_grads=4)),
+                                            ("spectral", dict(n_grads=4))])
+def test_mobilenet_budget_met_and_function_kept_when_the_removed_channels_are_zero(method, options):
+    """On MobileNetV1 (depthwise groups: a pointwise and a depthwise producer per channel) every score method meets
+    the budget, and the small model computes what the dense one computes with the removed channels zeroed."""
+    from conftest import randomise_bn
+    from test_graph import _zero_removed
+
+    from chita_minimal.structure.graph import channel_groups
+    from chita_minimal.utils import seed_everything
+
+    seed_everything(0)
+    model = randomise_bn(cm.models.mobilenet_v1(10)).eval()
+    data = TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+    x = torch.randn(2, 3, 32, 32)
+    report = cm.shrink(model, data, 0.3, method, example_inputs=x[:1], **options)
+    assert 0 < report.achieved <= 0.3
+    zeroed = copy.deepcopy(model)
+    groups = channel_groups(model, x[:1])
+    _zero_removed(zeroed, groups, {g: (~k).nonzero().squeeze(1).tolist() for g, k in report.keep.items()})
+    with torch.no_grad():
+        assert torch.allclose(report.model(x), zeroed(x), atol=1e-5)
+
+
+def test_resnet50_with_streams_in_one_call():
+    torch.manual_seed(0)
+    model = cm.models.ResNet50(10).eval()
+    report = cm.shrink(model, None, 0.3, "l1", residual=True, example_inputs=torch.zeros(1, 3, 32, 32))
+    assert 0 < report.achieved <= 0.3
+    assert any(name.endswith("residual") for name, k in report.keep.items() if not k.all())
+    assert report.model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
