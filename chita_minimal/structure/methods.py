@@ -99,6 +99,10 @@ class StructureMethod:
         """Importance of every channel: group name → (channels,), low = removed first."""
         raise NotImplementedError
 
+    def counted(self, model: nn.Module) -> nn.Module:
+        """The dense model as its budget is counted (the same function, modules the counter sees)."""
+        return model
+
     def remove(self, model: nn.Module, data, fraction: float, run: Run) -> tuple[nn.Module, dict[str, torch.Tensor]]:
         """(the smaller model, keep masks), at most ``fraction`` of the budget removed; ``model`` is not modified.
         By default: :meth:`scores` → :func:`~chita_minimal.structure.channels.select` → ``channels.shrink``."""
@@ -177,10 +181,11 @@ def shrink(model: nn.Module, data=None, fraction: float = 0.5, method="l1", *, b
     run = Run(budget, residual, example_inputs, shape, seed)
     small, keep = m.remove(model, data, fraction, run)
     measure = channels.flops if budget == "flops" else channels.weight_count
-    dense_cost, small_cost = measure(model, shape), measure(small, shape)
+    dense = m.counted(model)
+    dense_cost, small_cost = measure(dense, shape), measure(small, shape)
     report = channels.ChannelReport(method=m.name, target=fraction, achieved=1.0 - small_cost / dense_cost,
                                     seconds={"total": time.perf_counter() - t0}, model=small, keep=keep,
-                                    flops_dense=channels.flops(model, shape), flops_pruned=channels.flops(small, shape))
+                                    flops_dense=channels.flops(dense, shape), flops_pruned=channels.flops(small, shape))
     report.notes.append(f"budget {budget}: {dense_cost:,} → {small_cost:,}")
     return report
 
@@ -353,6 +358,44 @@ class ISpaSP(StructureMethod):
         report = ispasp_prune(model, data, fraction, n_samples=self.n_samples, iterations=self.iterations,
                               seed=run.seed, batch_size=self.batch_size, input_shape=run.input_shape)
         return report.model, report.keep
+
+
+@register
+@dataclass
+class Heads(StructureMethod):
+    """Whole attention heads of ``nn.MultiheadAttention`` modules (or :class:`~chita_minimal.structure.heads.
+    HeadAttention`): the lowest-scored ⌊fraction · heads⌋ heads removed (never a module's last one), so the
+    fraction applies to the attention projections; ``achieved`` is measured on the model's whole budget."""
+
+    name = "heads"
+    summary = "attention heads of nn.MultiheadAttention (L1, L2 or Taylor scores per head)"
+    needs_data = False
+    kind: str = "l1"
+    n_grads: int = 32
+    batch_size: int = 1
+
+    def check(self):
+        from chita_minimal.structure.heads import KINDS
+
+        check_choice("kind", self.kind, tuple(k for k in KINDS if k != "gate"))
+        check_int("n_grads", self.n_grads)
+        check_int("batch_size", self.batch_size)
+
+    def counted(self, model):
+        from chita_minimal.structure.heads import split_attention
+
+        return split_attention(model)  # nn.MultiheadAttention's projections are not nn.Linear calls
+
+    def remove(self, model, data, fraction, run):
+        from chita_minimal.structure.heads import head_scores, remove_heads, select_heads
+
+        if self.kind == "taylor" and data is None:
+            raise ValueError("structure method 'heads' with kind='taylor' needs calibration data; got data=None")
+        scores = head_scores(model, data if self.kind == "taylor" else None, kind=self.kind,
+                             n_grads=self.n_grads if self.kind == "taylor" else None, batch_size=self.batch_size,
+                             seed=run.seed)
+        keep, _ = select_heads(scores, fraction)
+        return remove_heads(model, keep), keep
 
 
 def _plain_groups(name: str, run: Run, budget: bool = False) -> None:

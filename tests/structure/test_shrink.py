@@ -161,3 +161,14 @@ def test_resnet50_with_streams_in_one_call():
     assert 0 < report.achieved <= 0.3
     assert any(name.endswith("residual") for name, k in report.keep.items() if not k.all())
     assert report.model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_heads_of_a_transformer_encoder_in_one_call():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=4, dim_feedforward=32, batch_first=True)
+    net = nn.Sequential(nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False), nn.Linear(16, 3)).eval()
+    x = torch.randn(1, 5, 16)
+    report = cm.shrink(net, None, 0.5, "heads", example_inputs=x)
+    assert sum(int((~k).sum()) for k in report.keep.values()) == 4  # half of the 2 × 4 heads
+    assert 0 < report.achieved <= 0.5
+    assert report.model(torch.randn(2, 5, 16)).shape == (2, 5, 3)
