@@ -50,8 +50,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from chita_minimal.network import fisher
-from chita_minimal.structure.channels import (DEFAULT_INPUT_SHAPES, ChannelReport, FlopModel, channel_groups,
-                                              check_fraction, flops, group_widths, shrink)
+from chita_minimal.structure.channels import (ChannelReport, FlopModel, _input_shape, channel_groups, check_fraction,
+                                              flops, group_widths, shrink)
+from chita_minimal.structure.graph import example_inputs_for
 from chita_minimal.utils import check_int, renamed
 
 RIDGE = 1e-9  # relative ridge of the least-squares Gram systems (times the mean diagonal)
@@ -174,20 +175,28 @@ def _pieces(C: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return h.unsqueeze(2) * W.T.unsqueeze(0)  # (B, ch, out)
 
 
-def _gram(ref: nn.Module, work: nn.Module, consumer: str, x: torch.Tensor, batch_size: int):
-    """G (C×C), b (C,), ‖Y‖² in float64 with Y = C(h_dense) from ``ref``, Z from ``work``'s h'."""
-    C, C_dense = work.get_submodule(consumer), ref.get_submodule(consumer)
-    ch = C.weight.shape[1]
+def _gram(ref: nn.Module, work: nn.Module, group, x: torch.Tensor, batch_size: int):
+    """G (C×C), b (C,), ‖Y'‖² in float64 for one channel group, summed over all its consumers k: Y_k = C_k(h_dense)
+    from ``ref``; Z_kc = C_k applied to the columns of channel c alone (through the group's index map, e.g. the HW
+    columns of a flatten → Linear head) of ``work``'s h'; Y'_k = Y_k minus the part of C_k(h') from columns of no
+    channel of the group (held fixed)."""
+    ch = group.channels
     G = torch.zeros(ch, ch, dtype=torch.float64, device=x.device)
     b = torch.zeros(ch, dtype=torch.float64, device=x.device)
     yy = torch.zeros((), dtype=torch.float64, device=x.device)
-    for start in range(0, x.shape[0], batch_size):
-        xb = x[start:start + batch_size]
-        Y = _apply(C_dense, _consumer_input(ref, consumer, xb)).double()  # (B, F)
-        Z = _pieces(C, _consumer_input(work, consumer, xb)).double()  # (B, ch, F)
-        G += torch.einsum("bcf,bdf->cd", Z, Z)
-        b += torch.einsum("bcf,bf->c", Z, Y)
-        yy += (Y * Y).sum()
+    for consumer in group.consumers:
+        C, C_dense = work.get_submodule(consumer), ref.get_submodule(consumer)
+        owner = group.channel_of(consumer).to(x.device)  # (in,) channel of each input column, −1: none
+        M = (owner[None, :] == torch.arange(ch, device=x.device)[:, None]).double()  # (C, in)
+        for start in range(0, x.shape[0], batch_size):
+            xb = x[start:start + batch_size]
+            Y = _apply(C_dense, _consumer_input(ref, consumer, xb)).double()  # (B, F)
+            pieces = _pieces(C, _consumer_input(work, consumer, xb)).double()  # (B, in, F)
+            Z = torch.einsum("cj,bjf->bcf", M, pieces)
+            Y = Y - (pieces.sum(1) - Z.sum(1))  # the columns of no group channel stay as they are
+            G += torch.einsum("bcf,bdf->cd", Z, Z)
+            b += torch.einsum("bcf,bf->c", Z, Y)
+            yy += (Y * Y).sum()
     return G, b, float(yy)
 
 
@@ -195,16 +204,18 @@ def _gram(ref: nn.Module, work: nn.Module, consumer: str, x: torch.Tensor, batch
 # budget and driver
 
 
-def uniform_counts(model: nn.Module, fraction: float, input_shape=None) -> dict[str, int]:
+def uniform_counts(model: nn.Module, fraction: float, input_shape=None, *, residual: bool = False,
+                   example_inputs=None, budget: str = "flops") -> dict[str, int]:
     """Channels kept per group with one shared removal ratio r, the largest whose FLOP reduction is ≤ fraction.
 
     k_g(r) = max(1, round((1 − r)·C_g)) decreases with r, so the removed FLOP fraction grows with
     r; r is found by bisection (60 halvings) on exact per-layer FLOP counts.
     """
     fraction = check_fraction(fraction)
-    channel_groups(model)  # TypeError for unsupported models
-    input_shape = DEFAULT_INPUT_SHAPES[type(model)] if input_shape is None else tuple(input_shape)
-    cost, widths = FlopModel(model, input_shape), group_widths(model)
+    input_shape = _input_shape(model, input_shape, example_inputs)
+    example_inputs = example_inputs_for(model, example_inputs, input_shape)
+    cost = FlopModel(model, input_shape, residual, example_inputs=example_inputs, budget=budget)
+    widths = group_widths(model, residual, example_inputs=example_inputs)
 
     def counts(r):
         return {g: max(1, min(c, math.floor((1 - r) * c + 0.5))) for g, c in widths.items()}
@@ -254,46 +265,55 @@ def _samples(model: nn.Module, dataset, n: int, seed: int) -> torch.Tensor:
 
 @renamed(n="n_samples")
 def ispasp_prune(model: nn.Module, dataset, fraction: float, *, n_samples: int = 64, iterations: int = 10,
-                 refit: bool = True, seed: int = 0, batch_size: int = 16, input_shape=None) -> ISpaSPReport:
-    """I-SpaSP channel pruning of a ResNetCifar or MLPNet removing ≤ ``fraction`` of the FLOPs.
+                 refit: bool = True, seed: int = 0, batch_size: int = 16, input_shape=None, residual: bool = False,
+                 example_inputs=None, budget: str = "flops") -> ISpaSPReport:
+    """I-SpaSP channel pruning of any traceable model removing ≤ ``fraction`` of the FLOPs.
 
     1. Counts: :func:`uniform_counts` (same keep ratio in every group, budget never exceeded).
     2. For every group in forward order, on ``n_samples`` samples drawn with ``seed`` (eval mode, BN
        running statistics, ``batch_size`` samples at a time): Gram data of Z_c = C(h'_c) and
-       Y = C(h_dense) (:func:`_gram`), support by :func:`recover` with ``iterations``; the
-       consumer columns of the removed channels are zeroed in the working copy (and, with
-       ``refit``, the kept ones scaled by the least-squares a_c) before the next group.
+       Y = C(h_dense) summed over the group's consumers (:func:`_gram`), support by :func:`recover` with
+       ``iterations``; every consumer's columns of the removed channels are zeroed in the working copy (and, with
+       ``refit``, those of the kept ones scaled by the least-squares a_c) before the next group.
     3. ``shrink`` of the working copy. ``model`` itself is not modified.
 
+    ``residual``, ``example_inputs`` (models other than the package's), ``input_shape``, ``budget``: as for
+    :func:`~chita_minimal.structure.channels.select`. Consumers must be plain convolutions or linear maps.
     Returns an :class:`ISpaSPReport` whose ``model`` is the small model. ``n`` is the deprecated old
     name of ``n_samples`` (forward passes only, no gradients: hence not ``n_grads``).
     """
     t0 = time.perf_counter()
     fraction = check_fraction(fraction)
-    groups = channel_groups(model)  # TypeError for other models
+    input_shape = _input_shape(model, input_shape, example_inputs)
+    example_inputs = example_inputs_for(model, example_inputs, input_shape)
+    groups = channel_groups(model, example_inputs, residual=residual)
     n_samples = check_int("n_samples", n_samples)
     iterations = check_int("iterations", iterations, 0)
     batch_size = check_int("batch_size", batch_size)
     check_int("seed", seed, None)
     if not isinstance(refit, bool):
         raise TypeError(f"refit must be a bool, got {type(refit).__name__}")
-    input_shape = DEFAULT_INPUT_SHAPES[type(model)] if input_shape is None else tuple(input_shape)
-    counts = uniform_counts(model, fraction, input_shape)
+    counts = uniform_counts(model, fraction, input_shape, residual=residual, example_inputs=example_inputs,
+                            budget=budget)
     x = _samples(model, dataset, n_samples, seed)
     ref, work = copy.deepcopy(model).eval(), copy.deepcopy(model).eval()
     keep, scales, residuals, final = {}, {}, {}, {}
     with torch.no_grad():
         for name, gr in groups.items():
-            G, b, yy = _gram(ref, work, gr.consumer, x, batch_size)
+            G, b, yy = _gram(ref, work, gr, x, batch_size)
             rec = recover(G, b, yy, counts[name], iterations=iterations)
             a = rec.coef if refit else rec.support.to(G.dtype)
-            W = work.get_submodule(gr.consumer).weight  # (out, C, ...)
-            W.mul_(a.to(W.dtype).view(1, -1, *[1] * (W.dim() - 2)))
+            for consumer in gr.consumers:  # scale (or zero) the columns of every channel in every consumer
+                W = work.get_submodule(consumer).weight  # (out, in, ...)
+                owner = gr.channel_of(consumer).to(W.device)
+                factor = torch.where(owner >= 0, a.to(W)[owner.clamp_min(0)], torch.ones((), dtype=W.dtype,
+                                                                                         device=W.device))
+                W.mul_(factor.view(1, -1, *[1] * (W.dim() - 2)))
             keep[name], scales[name] = rec.support.cpu(), a.cpu()
             residuals[name], final[name] = rec.residuals, relative_residual(G, b, yy, a)
     for m, mode in zip(work.modules(), [m.training for m in model.modules()]):
         m.training = mode
-    small = shrink(work, keep)
+    small = shrink(work, keep, example_inputs)
     f_dense, f_small = flops(model, input_shape), flops(small, input_shape)
     return ISpaSPReport(method="ispasp", target=fraction, achieved=1.0 - f_small / f_dense,
                         seconds={"total": time.perf_counter() - t0}, model=small, keep=keep, flops_dense=f_dense,

@@ -354,9 +354,9 @@ class ISpaSP(StructureMethod):
     def remove(self, model, data, fraction, run):
         from chita_minimal.structure.ispasp import ispasp_prune
 
-        _plain_groups(self.name, run, budget=True)
         report = ispasp_prune(model, data, fraction, n_samples=self.n_samples, iterations=self.iterations,
-                              seed=run.seed, batch_size=self.batch_size, input_shape=run.input_shape)
+                              seed=run.seed, batch_size=self.batch_size, input_shape=run.input_shape,
+                              residual=run.residual, example_inputs=run.example_inputs, budget=run.budget)
         return report.model, report.keep
 
 
@@ -396,14 +396,6 @@ class Heads(StructureMethod):
                              seed=run.seed)
         keep, _ = select_heads(scores, fraction)
         return remove_heads(model, keep), keep
-
-
-def _plain_groups(name: str, run: Run, budget: bool = False) -> None:
-    """The methods that do not yet handle residual streams (or a parameter budget) say so in the user's words."""
-    if run.residual:
-        raise ValueError(f"structure method {name!r} does not prune residual streams yet: use residual=False")
-    if budget and run.budget != "flops":
-        raise ValueError(f"structure method {name!r} meets a FLOP budget only: use budget='flops'")
 
 
 # ----------------------------------------------------------------------------- language models
