@@ -423,13 +423,13 @@ def select(model: nn.Module, scores: dict[str, torch.Tensor], fraction: float, i
     names = list(widths)
     keep = {name: torch.ones(c, dtype=torch.bool) for name, c in widths.items()}
     counts = dict(widths)
-    budget = fraction * cost.total
+    allowed = fraction * cost.total
     for _, gi, ch in sorted(cands):
         name = names[gi]
         if counts[name] <= 1:
             continue
         counts[name] -= 1
-        if cost.total - cost(counts) <= budget:
+        if cost.total - cost(counts) <= allowed:
             keep[name][ch] = False
         else:
             counts[name] += 1
