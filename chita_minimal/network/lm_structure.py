@@ -117,12 +117,13 @@ def plan_block(mlp, attn, fraction: float) -> tuple[int, int]:
 
 
 def shrink_decoder(model: nn.Module, windows, fraction: float, choose, *, batch_size: int = 8, device=None,
-                   progress: bool = False):
+                   progress: bool = False, calibrate: bool = True):
     """Remove ``fraction`` of the decoder's linear multiply-adds (MLP neurons and key/value groups) in place.
 
     choose(W, H, groups, keep, producers) → (kept (G,) bool, new consumer weight or None): the structure method's
     rule for one consumer W (out × in) with the Gram H of its inputs, its column groups (G, s), the count to keep
-    and the producer weights ({name: weight}, rows = units). Returns info {"seconds": {...}, "objective":
+    and the producer weights ({name: weight}, rows = units); ``calibrate=False`` (a rule that reads weights only):
+    no calibration pass, H is None. Returns info {"seconds": {...}, "objective":
     {consumer name: what ``choose`` reported, if anything}, "kept": {block: (neurons, groups)}, "keep":
     {"<blocks>.<i>.mlp" / ".self_attn": bool mask of the units kept}}.
     """
@@ -135,9 +136,11 @@ def shrink_decoder(model: nn.Module, windows, fraction: float, choose, *, batch_
                          f"self_attn.q_proj/k_proj/v_proj/o_proj); {type(blocks[0]).__name__} has neither")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     seconds = {"calibration": 0.0, "solve": 0.0}
-    t = time.perf_counter()
-    inputs = capture_inputs(model, stack_windows(windows), batch_size, dev)
-    seconds["calibration"] += time.perf_counter() - t
+    inputs = None
+    if calibrate:
+        t = time.perf_counter()
+        inputs = capture_inputs(model, stack_windows(windows), batch_size, dev)
+        seconds["calibration"] += time.perf_counter() - t
     kept_counts, objective, masks = {}, {}, {}
     for i in tqdm(range(len(blocks)), desc="shrink blocks", disable=not progress, leave=False):
         mlp, attn = parts[i]
@@ -148,16 +151,18 @@ def shrink_decoder(model: nn.Module, windows, fraction: float, choose, *, batch_
         if attn is not None and keep_g < kv_groups(attn).shape[0]:
             consumers[f"{prefix}.{i}.self_attn.o_proj"] = attn.o_proj
         if consumers:
-            t = time.perf_counter()
-            stats = _Statistics(consumers, "gram")
-            try:
-                run_block(blocks[i], inputs)
-            finally:
-                stats.remove()
-            seconds["calibration"] += time.perf_counter() - t
+            stats = None
+            if calibrate:
+                t = time.perf_counter()
+                stats = _Statistics(consumers, "gram")
+                try:
+                    run_block(blocks[i], inputs)
+                finally:
+                    stats.remove()
+                seconds["calibration"] += time.perf_counter() - t
             t = time.perf_counter()
             for name, m in consumers.items():
-                H = stats.pop(name).to(m.weight.device)
+                H = None if stats is None else stats.pop(name).to(m.weight.device)
                 W = m.weight.detach().float()
                 if name.endswith("down_proj"):
                     groups = torch.arange(W.shape[1]).view(-1, 1)
@@ -175,7 +180,7 @@ def shrink_decoder(model: nn.Module, windows, fraction: float, choose, *, batch_
                     objective[name] = info
             seconds["solve"] += time.perf_counter() - t
         kept_counts[i] = (keep_n, keep_g)
-        if i + 1 < len(blocks):
+        if calibrate and i + 1 < len(blocks):
             t = time.perf_counter()
             inputs = run_block(blocks[i], inputs)
             seconds["calibration"] += time.perf_counter() - t

@@ -215,7 +215,8 @@ def _swap_search(W, Hd, groups, kept, rounds, candidates):
 
 def group_scores(W: torch.Tensor, H: torch.Tensor, groups: torch.Tensor, kind: str) -> torch.Tensor:
     """Baseline scores of the groups (high = kept), with no refit: "wanda" Σ_{j∈Q} ‖W_{:,j}‖²·H_jj (the rise of f
-    when group Q alone is removed, H replaced by its diagonal: Wanda's score per group); "norm" ‖W_{:,Q}‖_F."""
+    when group Q alone is removed, H replaced by its diagonal: Wanda's score per group); "norm" ‖W_{:,Q}‖_F
+    (H is not read and may be None)."""
     groups = _check_groups(groups, W.shape[1])
     col = (W.to(torch.float64) ** 2).sum(0)
     if kind == "wanda":

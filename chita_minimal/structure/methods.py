@@ -207,7 +207,7 @@ def _shrink_language_model(model, data, fraction, m, budget, t0):
     if budget != "flops":
         raise ValueError("on a language model the budget is the decoder's multiply-adds: use budget='flops'")
     small = copy.deepcopy(model)
-    info = shrink_decoder(small, data, fraction, m.choose, batch_size=m.batch_size)
+    info = shrink_decoder(small, data, fraction, m.choose, batch_size=m.batch_size, calibrate=m.needs_data)
     dense_cost, small_cost = decoder_macs(model), decoder_macs(small)
     report = channels.ChannelReport(method=m.name, target=fraction, achieved=1.0 - small_cost / dense_cost,
                                     seconds=dict(info["seconds"], total=time.perf_counter() - t0), model=small,
@@ -430,6 +430,7 @@ class LMMagnitude(LanguageStructureMethod):
 
     name = "lm-magnitude"
     summary = "language model: MLP neurons / KV groups of largest weight norm (no refit)"
+    needs_data = False
 
     def choose(self, W, H, groups, keep, producers):
         from chita_minimal.solver.group_layer import group_scores
