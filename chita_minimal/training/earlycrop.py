@@ -40,6 +40,7 @@ from chita_minimal.network.loop import cosine_lr, epoch_batches, forward_backwar
 from chita_minimal.solver.problem import num_kept
 from chita_minimal.training.sparse_training import SparseTrainResult
 from chita_minimal.structure.channels import channel_groups, flops, select, shrink, weight_groups
+from chita_minimal.structure.graph import example_inputs_for
 from chita_minimal.utils import check_int as _int
 from chita_minimal.utils import check_number
 
@@ -147,27 +148,30 @@ def _global_topk(S: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def _channel_masks(model, S, fraction, input_shape):
-    """Structured selection: channel scores Σ S over each channel's producer row and consumer
-    column (:func:`structured.weight_groups`), :func:`structured.select` under the FLOP budget.
-    Returns (keep, weight masks with the removed rows/columns False)."""
+def _channel_masks(model, S, fraction, input_shape, example_inputs=None):
+    """Structured selection: channel scores Σ S over each channel's rows of every producer and columns of every
+    consumer (:func:`structured.weight_groups`, through the groups' index maps), :func:`structured.select` under
+    the FLOP budget. Returns (keep, weight masks with the removed rows/columns False)."""
     lay = params.layout(model, list(S))
     flat = torch.cat([S[n].flatten() for n in lay.names])
-    idx, owner = weight_groups(model, lay)
+    idx, owner = weight_groups(model, lay, example_inputs=example_inputs)
     gid = torch.repeat_interleave(torch.arange(len(idx)), torch.tensor([len(ix) for ix in idx])).to(flat.device)
     per_channel = torch.zeros(len(idx), dtype=flat.dtype, device=flat.device).index_add_(
         0, gid, flat[torch.cat(idx).to(flat.device)])
+    groups = channel_groups(model, example_inputs)
     scores, j = {}, 0
-    for name in channel_groups(model):
+    for name in groups:
         c = owner.count(name)
         scores[name] = per_channel[j:j + c]
         j += c
-    keep, _ = select(model, scores, fraction, input_shape)
+    keep, _ = select(model, scores, fraction, input_shape, example_inputs=example_inputs)
     masks = {n: torch.ones_like(s, dtype=torch.bool) for n, s in S.items()}
-    for name, gr in channel_groups(model).items():
-        drop = ~keep[name].to(flat.device)
-        masks[f"{gr.producer}.weight"][drop] = False
-        masks[f"{gr.consumer}.weight"][:, drop] = False
+    for name, gr in groups.items():
+        for c in (~keep[name]).nonzero().squeeze(1).tolist():
+            for m in gr.producers:
+                masks[f"{m}.weight"][gr.indices_of(m, c).to(flat.device)] = False
+            for m in gr.consumers:
+                masks[f"{m}.weight"][:, gr.indices_of(m, c).to(flat.device)] = False
     return keep, masks
 
 
@@ -183,7 +187,7 @@ def earlycrop_train(model: nn.Module, train_dataset, sparsity: float, epochs: in
     """Train ``model`` in place: dense until the saliency mask is stable, then sparse; ``epochs`` in total.
 
     ``sparsity``: unstructured, the fraction of the prunable weights removed (global top-k of S,
-    exactly k = round((1 − s)·p) kept); ``structured=True`` (ResNetCifar / MLPNet), the fraction
+    exactly k = round((1 − s)·p) kept); ``structured=True`` (any traceable model), the fraction
     of FLOPs to remove at most, in (0, 1): channels are scored by Σ S over their producer row
     and consumer column and selected by :func:`structured.select` (FLOPs for one input of the
     dataset's shape).
@@ -212,9 +216,11 @@ def earlycrop_train(model: nn.Module, train_dataset, sparsity: float, epochs: in
     if not isinstance(structured, bool):
         raise TypeError(f"structured must be a bool, got {type(structured).__name__}")
     input_shape = tuple(train_dataset.tensors[0].shape[1:])
+    example_inputs = None
     if structured:
-        groups = channel_groups(model)  # TypeError for unsupported models
-        need = [f"{getattr(gr, r)}.weight" for gr in groups.values() for r in ("producer", "consumer")]
+        example_inputs = example_inputs_for(model, None, input_shape)
+        groups = channel_groups(model, example_inputs)
+        need = [f"{m}.weight" for gr in groups.values() for m in gr.producers + gr.consumers]
         missing = sorted(set(need) - set(names))
         if missing:
             raise ValueError(f"names must contain the producer and consumer weights of every channel group "
@@ -240,7 +246,7 @@ def earlycrop_train(model: nn.Module, train_dataset, sparsity: float, epochs: in
     def mask_of(S):
         """(flat mask compared by IoU, keep or None, weight masks)."""
         if structured:
-            keep, masks = _channel_masks(model, S, sparsity, input_shape)
+            keep, masks = _channel_masks(model, S, sparsity, input_shape, example_inputs)
             return torch.cat(list(keep.values())), keep, masks
         masks = _global_topk(S, k)
         return torch.cat([m.flatten() for m in masks.values()]), None, masks
@@ -288,7 +294,7 @@ def earlycrop_train(model: nn.Module, train_dataset, sparsity: float, epochs: in
     achieved, small = 1 - kept / p_total, None
     if structured:
         keep = {g: m.cpu() for g, m in keep.items()}
-        small = shrink(model, keep)
+        small = shrink(model, keep, example_inputs)
         achieved = 1 - flops(small, input_shape) / flops(model, input_shape)
     return EarlyCropResult(method="earlycrop", target=sparsity, achieved=achieved,
                            masks={n: m.cpu() for n, m in masks.items()}, seconds=seconds, stages=history,

@@ -159,8 +159,6 @@ def test_bad_input(data):
         earlycrop_train(model, data, 0.5, 2, saliency_samples=0, **kw)
     with pytest.raises(TypeError, match="structured"):
         earlycrop_train(model, data, 0.5, 2, structured="yes", **kw)
-    with pytest.raises(TypeError, match="ResNetCifar and MLPNet"):
-        earlycrop_train(model, data, 0.5, 2, structured=True, **kw)
     mlp = MLPNet()
     images = TensorDataset(torch.randn(8, 1, 28, 28), torch.zeros(8, dtype=torch.long))
     with pytest.raises(ValueError, match="FLOP fraction"):
@@ -169,3 +167,31 @@ def test_bad_input(data):
         earlycrop_train(mlp, images, 0.5, 2, structured=True, names=["fc1.weight", "fc3.weight"], **kw)
     with pytest.raises(TypeError, match="model"):
         earlycrop_train("net", data, 0.5, 2, **kw)
+
+
+def test_structured_on_a_depthwise_separable_cnn():
+    """Groups with two producers (a pointwise conv and the depthwise conv that filters its channels): the removed
+    channels are zero in every producer row and consumer column, and the shrunk model computes the same."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10))
+    X = torch.randn(16, 3, 8, 8, generator=g)
+    data = TensorDataset(X, torch.randint(0, 10, (16,), generator=g))
+    res = earlycrop_train(model, data, 0.4, 2, lr=0.05, batch_size=8, structured=True, check_every=1,
+                          stability=0.95, max_dense_epochs=1)
+    groups = channel_groups(model, X[:1])
+    assert any(len(gr.producers) == 2 for gr in groups.values())
+    assert 0 < res.flop_fraction <= 0.4
+    for name, gr in groups.items():
+        for c in (~res.keep[name]).nonzero().squeeze(1).tolist():
+            for m in gr.producers:
+                assert not bool(model.get_submodule(m).weight.detach()[gr.indices_of(m, c)].any())
+            for m in gr.consumers:
+                assert not bool(model.get_submodule(m).weight.detach()[:, gr.indices_of(m, c)].any())
+    model.eval(), res.small.eval()
+    with torch.no_grad():
+        assert torch.allclose(res.small(X[:4]), model(X[:4]), atol=1e-5)
