@@ -10,9 +10,12 @@ measurement, fine-tuning with masks.
 | ``measure`` | wall time and peak memory of one call, latency, cProfile by package function |
 | ``finetune`` | ``train_epochs``: SGD with the pruned weights held at zero |
 | ``loop`` | the SGD loop pieces sparse training and SMCP share (checks, epoch batches, cosine rate, step) |
+| ``language`` | causal language models: Conv1D, decoder blocks, next-token loss, perplexity, measured throughput |
+| ``sequential`` | the one calibration driver of the layer-wise methods: decoder block after decoder block |
+| ``lm_structure`` | MLP neurons and key/value groups of a Llama-style decoder removed, block after block |
 """
 
 from chita_minimal.utils import lazy_submodules
 
 __getattr__ = lazy_submodules(__name__, ("params", "samples", "fisher", "evaluate", "measure", "finetune",
-                                         "loop"))
+                                         "loop", "language", "sequential", "lm_structure"))
