@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_table  # noqa: E402
 
-METHODS = ("lm-magnitude", "lm-wanda", "lm-chita")
+METHODS = ("lm-magnitude", "lm-wanda", "lm-taylor", "lm-chita")
 
 
 def stored_mib(model) -> float:

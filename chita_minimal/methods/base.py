@@ -25,24 +25,20 @@ after which ``prune(model, data, 0.9, method="random", seed=3)`` works and ``ava
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from chita_minimal.registry import OptionError, Options, Registry  # noqa: F401 (OptionError: part of this API)
+
 if TYPE_CHECKING:
     from chita_minimal.network.params import Layout
     from chita_minimal.solver.patterns import NM
 
-REGISTRY: dict[str, type[Method]] = {}
 # prune's own arguments (see :class:`Settings`): a method's options must not take these names
 PRUNE_ARGUMENTS = ("n_grads", "batch_size", "l2", "seed", "names", "device", "first_order", "keep_pruned", "pattern",
                    "progress", "loss_fn", "output_fn", "max_memory")
-
-
-class OptionError(TypeError, ValueError):
-    """An option the method does not have (a TypeError, as for a wrong keyword; a ValueError for older callers)."""
 
 
 @dataclass
@@ -97,7 +93,7 @@ class Step:
     objective: float | None
 
 
-class Method:
+class Method(Options):
     """Base of every pruning method; subclasses are dataclasses whose fields are their options.
 
     Class attributes say what the method needs: ``needs_gradients`` (X is computed for it),
@@ -107,33 +103,12 @@ class Method:
     (keeps exactly k weights; False when it chooses the count, e.g. whole filters).
     """
 
-    name: ClassVar[str] = ""
-    summary: ClassVar[str] = ""
     needs_gradients: ClassVar[bool] = True
     needs_l2: ClassVar[bool] = False
     takes_pattern: ClassVar[bool] = False
     takes_mask: ClassVar[bool] = False
     takes_sharded: ClassVar[bool] = False
     exact_k: ClassVar[bool] = True
-
-    @classmethod
-    def option_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else ()
-
-    @classmethod
-    def create(cls, **options) -> Method:
-        """The method with these options; an unknown option is a TypeError that lists the valid ones."""
-        unknown = [k for k in options if k not in cls.option_names()]
-        if unknown:
-            valid = ", ".join(cls.option_names()) or "none"
-            raise OptionError(f"method {cls.name!r} has no option {unknown[0]!r}; its options: {valid}")
-        return cls(**options)
-
-    def __post_init__(self):
-        self.check()
-
-    def check(self) -> None:
-        """Raise TypeError/ValueError naming the option when an option value is invalid."""
 
     def plan(self, sparsity: float) -> list[tuple[float, Method]]:
         """The (sparsity, method) of each pruning step; one step unless the method is multi-stage (CHITA++)."""
@@ -159,40 +134,10 @@ class ModelMethod(Method):
         raise NotImplementedError
 
 
-def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: make ``cls`` available to ``prune(method=cls.name)``."""
-    if not (isinstance(cls, type) and issubclass(cls, Method)):
-        raise TypeError(f"register takes a Method subclass, got {cls!r}")
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} needs a class attribute `name` to be registered")
-    clash = [o for o in cls.option_names() if o in PRUNE_ARGUMENTS]
-    if clash:
-        raise ValueError(f"{cls.__name__}: option {clash[0]!r} is an argument of prune itself; choose another name")
-    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
-        raise ValueError(f"a method named {cls.name!r} is registered already ({REGISTRY[cls.name].__name__})")
-    REGISTRY[cls.name] = cls
-    return cls
-
-
-def get(method, **options) -> Method:
-    """A method object from a registered name and options, or the object itself (then no options)."""
-    if isinstance(method, Method):
-        if options:
-            raise TypeError(f"options ({', '.join(options)}) go into the method object when method is one, "
-                            f"e.g. {type(method).__name__}({next(iter(options))}=...)")
-        return method
-    if isinstance(method, type) and issubclass(method, Method):
-        return method.create(**options)
-    if not isinstance(method, str):
-        raise TypeError(f"method must be a method name or a chita_minimal.methods.Method, got {type(method).__name__}")
-    if method not in REGISTRY:
-        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(REGISTRY)}")
-    return REGISTRY[method].create(**options)
-
-
-def available() -> dict[str, str]:
-    """Registered method names with their one-line descriptions."""
-    return {name: cls.summary for name, cls in REGISTRY.items()}
+REGISTRY = Registry(Method, "prune", PRUNE_ARGUMENTS)
+register = REGISTRY.register  # class decorator: make a Method subclass available to prune(method=cls.name)
+get = REGISTRY.get  # a method object from a registered name and options, a Method class, or the object itself
+available = REGISTRY.available  # registered method names with their one-line descriptions
 
 
 def table() -> str:

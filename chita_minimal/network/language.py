@@ -138,11 +138,15 @@ def throughput(model: nn.Module, ids: torch.Tensor, *, new_tokens: int = 32, pro
                repeats: int = 3) -> dict[str, float]:
     """Measured speed of a causal LM on this machine: {"prefill_tokens_per_s", "generate_tokens_per_s"}.
 
-    Prefill: one forward pass over ``ids`` (B, T) without a cache, B·T tokens per pass; generation: greedy
-    decoding of ``new_tokens`` tokens after the first ``prompt`` tokens of ``ids[0]`` with the model's key/value
-    cache, tokens per second after the prompt's own pass. Each figure is the best of ``repeats`` timed runs after
-    one warm-up (the thread count is torch's current one): compare models measured in the same process.
+    Prefill: the prompt's pass of generation over ``ids`` (B, T), B·T tokens per pass: the key/value cache
+    written and the logits of the last position only, as ``generate`` computes them (``logits_to_keep=1``, where
+    the model takes it; the vocabulary projection of every position is the cost of scoring text, not of
+    prefill); generation: greedy decoding of ``new_tokens`` tokens after the first ``prompt`` tokens of
+    ``ids[0]`` with the model's key/value cache, tokens per second after the prompt's own pass. Each figure is the
+    best of ``repeats`` timed runs after one warm-up (the thread count is torch's current one): compare models
+    measured in the same process.
     """
+    import inspect
     import time
 
     if ids.dim() != 2 or ids.shape[1] < prompt:
@@ -164,8 +168,9 @@ def throughput(model: nn.Module, ids: torch.Tensor, *, new_tokens: int = 32, pro
         return best
 
     try:
-        prefill = timed(lambda: model(x, use_cache=False))
-        first = timed(lambda: model(start, use_cache=True))
+        last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+        prefill = timed(lambda: model(x, use_cache=True, **last))
+        first = timed(lambda: model(start, use_cache=True, **last))
         gen = timed(lambda: model.generate(start, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                            do_sample=False, pad_token_id=pad))
     finally:

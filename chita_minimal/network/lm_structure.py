@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from chita_minimal.network.language import decoder_blocks, stack_windows
-from chita_minimal.network.sequential import _Statistics, capture_inputs, run_block
+from chita_minimal.network.sequential import block_statistics, capture_inputs, run_block
 
 
 def llama_parts(block: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
@@ -120,10 +120,10 @@ def shrink_decoder(model: nn.Module, windows, fraction: float, choose, *, batch_
                    progress: bool = False, calibrate: bool = True):
     """Remove ``fraction`` of the decoder's linear multiply-adds (MLP neurons and key/value groups) in place.
 
-    choose(W, H, groups, keep, producers) → (kept (G,) bool, new consumer weight or None): the structure method's
-    rule for one consumer W (out × in) with the Gram H of its inputs, its column groups (G, s), the count to keep
-    and the producer weights ({name: weight}, rows = units); ``calibrate=False`` (a rule that reads weights only):
-    no calibration pass, H is None. Returns info {"seconds": {...}, "objective":
+    choose(W, H, groups, keep, producers, name) → (kept (G,) bool, new consumer weight or None, info or None): the structure
+    method's rule for one consumer W (out × in) named ``name`` with the Gram H of its inputs, its column groups
+    (G, s), the count to keep and the producer weights ({name: weight}, rows = units); ``calibrate=False`` (a rule
+    that does not read the layers' inputs): no calibration pass, H is None. Returns info {"seconds": {...}, "objective":
     {consumer name: what ``choose`` reported, if anything}, "kept": {block: (neurons, groups)}, "keep":
     {"<blocks>.<i>.mlp" / ".self_attn": bool mask of the units kept}}.
     """
@@ -154,11 +154,7 @@ def shrink_decoder(model: nn.Module, windows, fraction: float, choose, *, batch_
             stats = None
             if calibrate:
                 t = time.perf_counter()
-                stats = _Statistics(consumers, "gram")
-                try:
-                    run_block(blocks[i], inputs)
-                finally:
-                    stats.remove()
+                stats = block_statistics(blocks[i], inputs, consumers, "gram")
                 seconds["calibration"] += time.perf_counter() - t
             t = time.perf_counter()
             for name, m in consumers.items():
@@ -167,13 +163,13 @@ def shrink_decoder(model: nn.Module, windows, fraction: float, choose, *, batch_
                 if name.endswith("down_proj"):
                     groups = torch.arange(W.shape[1]).view(-1, 1)
                     producers = {"gate_proj": mlp.gate_proj.weight.detach(), "up_proj": mlp.up_proj.weight.detach()}
-                    kept, Wnew, info = _chosen(choose(W, H, groups, keep_n, producers))
+                    kept, Wnew, info = _chosen(choose(W, H, groups, keep_n, producers, name))
                     remove_neurons(mlp, kept, Wnew)
                     masks[f"{prefix}.{i}.mlp"] = kept
                 else:
                     groups = kv_groups(attn)
                     producers = {n: getattr(attn, n).weight.detach() for n in ("q_proj", "k_proj", "v_proj")}
-                    kept, Wnew, info = _chosen(choose(W, H, groups, keep_g, producers))
+                    kept, Wnew, info = _chosen(choose(W, H, groups, keep_g, producers, name))
                     remove_kv_groups(attn, kept, Wnew)
                     masks[f"{prefix}.{i}.self_attn"] = kept
                 if info is not None:
@@ -187,6 +183,141 @@ def shrink_decoder(model: nn.Module, windows, fraction: float, choose, *, batch_
     return {"seconds": seconds, "objective": objective, "kept": kept_counts, "keep": masks}
 
 
-def _chosen(out):
-    kept, W = out[0], out[1]
-    return kept.cpu(), W, out[2] if len(out) > 2 else None
+def _chosen(out) -> tuple[torch.Tensor, torch.Tensor | None, object]:
+    """(kept mask on the CPU, new consumer weight or None, info or None): what a rule returned, checked."""
+    if not (isinstance(out, tuple) and len(out) == 3):
+        raise TypeError("a structure rule returns (kept mask, new consumer weight or None, info or None), got "
+                        f"{type(out).__name__}")
+    kept, W, info = out
+    return kept.cpu(), W, info
+
+
+@torch.no_grad()
+def unit_products(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Σ_{θ ∈ unit} θ·∂L/∂θ for every MLP neuron and key/value group, from the gradients now in ``.grad``: the
+    first-order change of the loss when the unit is removed (its producer rows — gate/up, or the q/k/v rows of
+    the group's heads, biases included — and its consumer columns of down_proj / o_proj). Keys: the consumer
+    names, as :func:`shrink_decoder` gives them to a rule."""
+    prefix, blocks = decoder_blocks(model)
+    out = {}
+
+    def rows(m: nn.Linear) -> torch.Tensor:
+        z = (m.weight * m.weight.grad).sum(1, dtype=torch.float64)
+        return z if m.bias is None else z + (m.bias * m.bias.grad).double()
+
+    for i, block in enumerate(blocks):
+        mlp, attn = llama_parts(block)
+        if mlp is not None:
+            down = mlp.down_proj
+            out[f"{prefix}.{i}.mlp.down_proj"] = rows(mlp.gate_proj) + rows(mlp.up_proj) \
+                + (down.weight * down.weight.grad).sum(0, dtype=torch.float64)
+        if attn is not None:
+            n_kv = kv_groups(attn).shape[0]
+            o = attn.o_proj
+            z = (o.weight * o.weight.grad).sum(0, dtype=torch.float64).view(n_kv, -1).sum(1)
+            for name in ("q_proj", "k_proj", "v_proj"):
+                z = z + rows(getattr(attn, name)).view(n_kv, -1).sum(1)
+            out[f"{prefix}.{i}.self_attn.o_proj"] = z
+    return out
+
+
+def taylor_unit_scores(model: nn.Module, windows, *, batch_size: int = 1, device=None,
+                       progress: bool = False) -> dict[str, torch.Tensor]:
+    """First-order Taylor importance of every MLP neuron and key/value group (Molchanov et al., CVPR 2019, eq. 8
+    for a group of parameters, as LLM-Pruner scores LLM groups): I_u = (1/B) Σ_b (Σ_{θ ∈ u} θ·∂L_b/∂θ)², L_b the
+    next-token loss of batch b (``batch_size`` windows) of the dense model. The model's weights are not changed;
+    its gradients are cleared afterwards. Keys: the consumer names (:func:`unit_products`)."""
+    from tqdm.auto import tqdm
+
+    ids = stack_windows(windows)
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    _, blocks = decoder_blocks(model)
+    wanted = {id(m.weight) for b in blocks for part in llama_parts(b) if part is not None
+              for m in part.modules() if isinstance(m, nn.Linear)}
+    wanted |= {id(m.bias) for b in blocks for part in llama_parts(b) if part is not None
+               for m in part.modules() if isinstance(m, nn.Linear) and m.bias is not None}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    model.eval()
+    scores, batches = {}, 0
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in wanted)
+            p.grad = None
+        for start in tqdm(range(0, ids.shape[0], batch_size), desc="taylor", disable=not progress, leave=False):
+            x = ids[start:start + batch_size].to(dev)
+            model(x, labels=x, use_cache=False).loss.backward()
+            for name, z in unit_products(model).items():
+                scores[name] = scores.get(name, 0.0) + z ** 2
+            batches += 1
+            for p in model.parameters():
+                p.grad = None
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
+        model.train(was_training)
+    return {name: z / batches for name, z in scores.items()}
+
+
+def unit_counts(model: nn.Module) -> dict[str, list[int]]:
+    """{"mlp_neurons": [...], "kv_groups": [...]}: the units every decoder block holds (−1 where it has none)."""
+    _, blocks = decoder_blocks(model)
+    neurons, groups = [], []
+    for b in blocks:
+        mlp, attn = llama_parts(b)
+        neurons.append(-1 if mlp is None else mlp.down_proj.in_features)
+        groups.append(-1 if attn is None else kv_groups(attn).shape[0])
+    return {"mlp_neurons": neurons, "kv_groups": groups}
+
+
+def save_shrunk(model: nn.Module, directory) -> None:
+    """Save a shrunk Hugging Face decoder: ``config.json`` (the model's config with the units of every block,
+    ``chita_unit_counts``, which :func:`load_shrunk` reads back: blocks of different widths are not a shape a
+    Hugging Face config describes) and ``model.safetensors`` (tied weights once). The weights are saved as they
+    are in memory: a model loaded from GGUF is dense there, so its quantization entry is left out."""
+    import copy
+    from pathlib import Path
+
+    from safetensors.torch import save_model
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.chita_unit_counts = unit_counts(model)
+    config.to_json_file(str(directory / "config.json"))
+    save_model(model, str(directory / "model.safetensors"))
+
+
+def load_shrunk(directory, *, dtype=torch.float32) -> nn.Module:
+    """The model :func:`save_shrunk` wrote: built from its config, each block cut to its saved widths (the first
+    units kept, then overwritten by the saved ones), the saved weights loaded (tied weights tied again). ValueError
+    when the directory holds no unit counts or the weights do not fit."""
+    from pathlib import Path
+
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(directory))
+    counts = getattr(config, "chita_unit_counts", None)
+    if counts is None:
+        raise ValueError(f"{directory} was not written by save_shrunk (its config has no chita_unit_counts); "
+                         "load a dense model with transformers' from_pretrained")
+    del config.chita_unit_counts
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # (initialised, then overwritten)
+    _, blocks = decoder_blocks(model)
+    if len(blocks) != len(counts["mlp_neurons"]):
+        raise ValueError(f"{directory}: {len(counts['mlp_neurons'])} blocks saved, the config builds {len(blocks)}")
+    for b, n, g in zip(blocks, counts["mlp_neurons"], counts["kv_groups"]):
+        mlp, attn = llama_parts(b)
+        if mlp is not None and n >= 0:
+            remove_neurons(mlp, torch.arange(mlp.down_proj.in_features) < n)
+        if attn is not None and g >= 0:
+            remove_kv_groups(attn, torch.arange(kv_groups(attn).shape[0]) < g)
+    try:
+        load_model(model, str(Path(directory) / "model.safetensors"), strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{directory}: the saved weights do not fit the model built from its config ({e})") from None
+    return model.eval()

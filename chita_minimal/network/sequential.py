@@ -86,9 +86,9 @@ def run_block(block: nn.Module, inputs: list[tuple[torch.Tensor, dict]]) -> list
         return [(_hidden(block(x, **kw)), kw) for x, kw in inputs]
 
 
-class _Statistics:
-    """Forward pre-hooks that accumulate Σ xxᵀ (or Σ x²) of each layer's inputs over the calibration tokens.
-    Layers fed the same tensor (q/k/v, gate/up) share one product."""
+class InputStatistics:
+    """Forward pre-hooks that accumulate Σ xxᵀ (kind "gram") or Σ x² (any other kind, e.g. "norms") of each
+    layer's inputs over the calibration tokens. Layers fed the same tensor (q/k/v, gate/up) share one product."""
 
     def __init__(self, layers: dict[str, nn.Module], kind: str):
         self.kind, self.sums, self.counts, self._last = kind, {}, {}, (None, None)
@@ -116,6 +116,17 @@ class _Statistics:
         for h in self.handles:
             h.remove()
         self._last = (None, None)
+
+
+def block_statistics(block: nn.Module, inputs, layers: dict[str, nn.Module], kind: str) -> InputStatistics:
+    """One pass of ``block`` over the calibration ``inputs`` with :class:`InputStatistics` hooks on ``layers``
+    (``kind`` "gram" for Σ xxᵀ, else Σ x²); the hooks are removed afterwards, the statistics stay (``.pop(name)``)."""
+    stats = InputStatistics(layers, kind)
+    try:
+        run_block(block, inputs)
+    finally:
+        stats.remove()
+    return stats
 
 
 def prune_blocks(model: nn.Module, windows, method, *, sparsity: float | None = None, pattern=None, names=None,
@@ -150,11 +161,7 @@ def prune_blocks(model: nn.Module, windows, method, *, sparsity: float | None = 
         stats = None
         if statistic is not None and layers:
             t = time.perf_counter()
-            stats = _Statistics(layers, statistic)
-            try:
-                run_block(blocks[i], inputs)
-            finally:
-                stats.remove()
+            stats = block_statistics(blocks[i], inputs, layers, statistic)
             seconds["calibration"] += time.perf_counter() - t
         t = time.perf_counter()
         for name, m in layers.items():

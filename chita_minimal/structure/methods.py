@@ -31,7 +31,6 @@ with its own selection and weight updates (group-CHITA, I-SpaSP) overrides :meth
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -39,17 +38,13 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from chita_minimal.registry import OptionError, Options, Registry  # noqa: F401 (OptionError: part of this API)
 from chita_minimal.structure import channels
 from chita_minimal.structure.graph import channel_groups, example_inputs_for
 from chita_minimal.utils import check_choice, check_int, check_number
 
-REGISTRY: dict[str, type[StructureMethod]] = {}
 # shrink's own arguments: a structure method's options must not take these names
 SHRINK_ARGUMENTS = ("budget", "residual", "example_inputs", "input_shape", "seed")
-
-
-class OptionError(TypeError, ValueError):
-    """An option the structure method does not have (a TypeError, as for a wrong keyword)."""
 
 
 @dataclass
@@ -68,32 +63,13 @@ class Run:
         return {name: gr.channels for name, gr in groups.items()}
 
 
-class StructureMethod:
+class StructureMethod(Options):
     """Base of the structure methods; subclasses are dataclasses whose fields are their options.
 
     ``needs_data``: the method reads the calibration data (L1 does not)."""
 
-    name: ClassVar[str] = ""
-    summary: ClassVar[str] = ""
+    kind: ClassVar[str] = "structure method"
     needs_data: ClassVar[bool] = True
-
-    @classmethod
-    def option_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else ()
-
-    @classmethod
-    def create(cls, **options) -> StructureMethod:
-        unknown = [k for k in options if k not in cls.option_names()]
-        if unknown:
-            valid = ", ".join(cls.option_names()) or "none"
-            raise OptionError(f"structure method {cls.name!r} has no option {unknown[0]!r}; its options: {valid}")
-        return cls(**options)
-
-    def __post_init__(self):
-        self.check()
-
-    def check(self) -> None:
-        """Raise TypeError/ValueError naming the option when an option value is invalid."""
 
     def scores(self, model: nn.Module, data, run: Run) -> dict[str, torch.Tensor]:
         """Importance of every channel: group name → (channels,), low = removed first."""
@@ -111,37 +87,10 @@ class StructureMethod:
         return channels.shrink(model, keep, run.example_inputs), keep
 
 
-def register(cls: type[StructureMethod]) -> type[StructureMethod]:
-    """Class decorator: make ``cls`` available to ``shrink(method=cls.name)``."""
-    if not (isinstance(cls, type) and issubclass(cls, StructureMethod)):
-        raise TypeError(f"register takes a StructureMethod subclass, got {cls!r}")
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} needs a class attribute `name` to be registered")
-    clash = [o for o in cls.option_names() if o in SHRINK_ARGUMENTS]
-    if clash:
-        raise ValueError(f"{cls.__name__}: option {clash[0]!r} is an argument of shrink itself")
-    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
-        raise ValueError(f"a structure method named {cls.name!r} is registered already")
-    REGISTRY[cls.name] = cls
-    return cls
-
-
-def get(method, **options) -> StructureMethod:
-    """A structure method object from a registered name and options, or the object itself."""
-    if isinstance(method, StructureMethod):
-        if options:
-            raise TypeError(f"options ({', '.join(options)}) go into the method object when method is one")
-        return method
-    if not isinstance(method, str):
-        raise TypeError(f"method must be a structure method name or a StructureMethod, got {type(method).__name__}")
-    if method not in REGISTRY:
-        raise ValueError(f"unknown structure method {method!r}; valid methods: {', '.join(REGISTRY)}")
-    return REGISTRY[method].create(**options)
-
-
-def available() -> dict[str, str]:
-    """Registered structure method names with their one-line descriptions."""
-    return {name: cls.summary for name, cls in REGISTRY.items()}
+REGISTRY = Registry(StructureMethod, "shrink", SHRINK_ARGUMENTS)
+register = REGISTRY.register  # class decorator: make a StructureMethod subclass available to shrink(method=...)
+get = REGISTRY.get  # a structure method object from a registered name and options, or the object itself
+available = REGISTRY.available  # registered structure method names with their one-line descriptions
 
 
 def shrink(model: nn.Module, data=None, fraction: float = 0.5, method="l1", *, budget: str = "flops",
@@ -207,7 +156,8 @@ def _shrink_language_model(model, data, fraction, m, budget, t0):
     if budget != "flops":
         raise ValueError("on a language model the budget is the decoder's multiply-adds: use budget='flops'")
     small = copy.deepcopy(model)
-    info = shrink_decoder(small, data, fraction, m.choose, batch_size=m.batch_size, calibrate=m.needs_data)
+    info = shrink_decoder(small, data, fraction, m.rule(small, data), batch_size=m.batch_size,
+                          calibrate=m.needs_gram)
     dense_cost, small_cost = decoder_macs(model), decoder_macs(small)
     report = channels.ChannelReport(method=m.name, target=fraction, achieved=1.0 - small_cost / dense_cost,
                                     seconds=dict(info["seconds"], total=time.perf_counter() - t0), model=small,
@@ -405,15 +355,23 @@ class Heads(StructureMethod):
 class LanguageStructureMethod(StructureMethod):
     """A structure method for the decoder of a language model (:mod:`chita_minimal.network.lm_structure`): it
     says, for one consumer layer (``down_proj`` for MLP neurons, ``o_proj`` for key/value groups), which groups
-    of its input columns to keep, through :meth:`choose`."""
+    of its input columns to keep, through :meth:`choose`. ``needs_gram``: it reads the Gram matrix of the
+    consumer's inputs (the calibration pass block by block); a method that scores the dense model once instead
+    (Taylor) overrides :meth:`rule`."""
 
+    needs_gram: ClassVar[bool] = True
     batch_size: int = 8
 
     def check(self):
         check_int("batch_size", self.batch_size)
 
-    def choose(self, W, H, groups, keep, producers):
-        """(kept (G,) bool, the consumer's new weight or None to keep its weights[, info])."""
+    def rule(self, model: nn.Module, data):
+        """The rule ``shrink_decoder`` calls for every consumer: by default :meth:`choose`."""
+        return self.choose
+
+    def choose(self, W, H, groups, keep, producers, name=None):
+        """(kept (G,) bool, the consumer's new weight or None to keep its weights, info or None); ``name``: the
+        consumer's module name."""
         raise NotImplementedError
 
 
@@ -431,14 +389,15 @@ class LMMagnitude(LanguageStructureMethod):
     name = "lm-magnitude"
     summary = "language model: MLP neurons / KV groups of largest weight norm (no refit)"
     needs_data = False
+    needs_gram = False
 
-    def choose(self, W, H, groups, keep, producers):
+    def choose(self, W, H, groups, keep, producers, name=None):
         from chita_minimal.solver.group_layer import group_scores
 
         score = group_scores(W, H, groups, "norm") ** 2
         for P in producers.values():  # each producer's rows come in equal runs per group (r query heads, 1 kv)
             score = score + (P.to(torch.float64) ** 2).sum(1).view(groups.shape[0], -1).sum(1).to(score.device)
-        return _top(score, keep), None
+        return _top(score, keep), None, None
 
 
 @register
@@ -449,10 +408,34 @@ class LMWanda(LanguageStructureMethod):
     name = "lm-wanda"
     summary = "language model: groups by activation-weighted consumer norms (Wanda per group; no refit)"
 
-    def choose(self, W, H, groups, keep, producers):
+    def choose(self, W, H, groups, keep, producers, name=None):
         from chita_minimal.solver.group_layer import group_scores
 
-        return _top(group_scores(W, H, groups, "wanda"), keep), None
+        return _top(group_scores(W, H, groups, "wanda"), keep), None, None
+
+
+@register
+@dataclass
+class LMTaylor(LanguageStructureMethod):
+    """First-order Taylor importance per group (Molchanov et al. 2019; LLM-Pruner's group score): the mean over
+    calibration batches of (Σ_{θ ∈ group} θ·∂L/∂θ)², L the next-token loss of the dense model, θ the group's
+    producer rows and consumer columns (:func:`~chita_minimal.network.lm_structure.taylor_unit_scores`); one
+    backward pass per batch of ``batch_size`` windows, no Gram, no refit."""
+
+    name = "lm-taylor"
+    summary = "language model: groups by first-order Taylor importance (Σθ·∂L/∂θ)² of the dense model (no refit)"
+    needs_gram = False
+    batch_size: int = 1
+
+    def rule(self, model, data):
+        from chita_minimal.network.lm_structure import taylor_unit_scores
+
+        scores = taylor_unit_scores(model, data, batch_size=self.batch_size)
+
+        def choose(W, H, groups, keep, producers, name=None):
+            return _top(scores[name], keep), None, None
+
+        return choose
 
 
 @register
@@ -473,7 +456,7 @@ class LMChita(LanguageStructureMethod):
         check_int("swap_rounds", self.swap_rounds, low=0)
         check_int("restarts", self.restarts, low=0)
 
-    def choose(self, W, H, groups, keep, producers):
+    def choose(self, W, H, groups, keep, producers, name=None):
         from chita_minimal.solver.group_layer import select_groups
 
         kept, What, info = select_groups(W, H.to(W.dtype), groups.to(W.device), keep, percdamp=self.percdamp,

@@ -221,7 +221,7 @@ def test_n_m_on_gpt2_conv1d_runs_along_the_inputs():
         assert ((rows.reshape(rows.shape[0], -1, 4) != 0).sum(-1) == 2).all()
 
 
-@pytest.mark.parametrize("method", ["lm-magnitude", "lm-wanda", "lm-chita"])
+@pytest.mark.parametrize("method", ["lm-magnitude", "lm-wanda", "lm-taylor", "lm-chita"])
 def test_shrink_removes_neurons_and_kv_groups_of_a_llama(method):
     """cm.shrink on a tiny Llama (2 KV groups of 2 query heads): the budget of decoder multiply-adds is met, the
     units are gone from the weights, the model runs and generates, and the model given is untouched."""
@@ -266,6 +266,65 @@ def test_shrink_keeps_the_function_when_the_removed_units_are_zero():
     assert all(not k[:24].any() if k.numel() == 48 else not k[0] for k in report.keep.values())
     with torch.no_grad():
         assert torch.allclose(report.model(data.ids).logits, model(data.ids).logits, atol=1e-5)
+
+
+def test_taylor_unit_product_is_the_derivative_of_the_loss_along_the_unit():
+    """Σ_{θ ∈ unit} θ·∂L/∂θ = d/ds L(θ with the unit's parameters scaled by s) at s = 1, for an MLP neuron
+    (gate and up rows, down column) and a key/value group (its q/k/v rows and o_proj columns); the Taylor score
+    of one batch is its square, the model is left as it was."""
+    from chita_minimal.network.lm_structure import taylor_unit_scores, unit_products
+
+    model = tiny("llama")
+    before = state(model)
+    x = windows(2, 12).ids
+    model(x, labels=x).loss.backward()
+    products = unit_products(model)
+    model.zero_grad()
+    attn = model.model.layers[1].self_attn
+    q_rows, kv_rows = torch.arange(16, 32), torch.arange(8, 16)  # group 1: query heads 2, 3 (head_dim 8)
+    cases = {"model.layers.0.mlp.down_proj": (5, {"model.layers.0.mlp.gate_proj.weight": (0, 5),
+                                                  "model.layers.0.mlp.up_proj.weight": (0, 5),
+                                                  "model.layers.0.mlp.down_proj.weight": (1, 5)}),
+             "model.layers.1.self_attn.o_proj": (1, {"model.layers.1.self_attn.q_proj.weight": (0, q_rows),
+                                                     "model.layers.1.self_attn.k_proj.weight": (0, kv_rows),
+                                                     "model.layers.1.self_attn.v_proj.weight": (0, kv_rows),
+                                                     "model.layers.1.self_attn.o_proj.weight": (1, q_rows)})}
+    params = dict(model.named_parameters())
+    for consumer, (unit, scaled) in cases.items():
+        s = torch.ones((), dtype=torch.float64, requires_grad=True)
+        new = {}
+        for name, (dim, index) in scaled.items():
+            scale = torch.ones(params[name].shape[dim], dtype=torch.float64)
+            scale = scale.index_put((torch.as_tensor(index).reshape(-1),), s.expand(torch.as_tensor(index).numel()))
+            shape = (-1, 1) if dim == 0 else (1, -1)
+            new[name] = params[name].detach() * scale.view(shape).float()
+        loss = torch.func.functional_call(model, new, (x,), {"labels": x}).loss
+        (d,) = torch.autograd.grad(loss, s)
+        assert float(products[consumer][unit]) == pytest.approx(float(d), rel=1e-4) and abs(float(d)) > 1e-6
+    scores = taylor_unit_scores(model, x, batch_size=2)
+    assert torch.allclose(scores["model.layers.0.mlp.down_proj"], products["model.layers.0.mlp.down_proj"] ** 2)
+    assert same(before, state(model)) and all(p.grad is None for p in model.parameters())
+
+
+def test_a_shrunk_llama_is_saved_and_loaded_back(tmp_path):
+    """save_shrunk / load_shrunk: blocks of different widths come back with the same weights and logits, the head
+    tied to the embeddings; a directory of a dense model is refused with a clear error."""
+    from chita_minimal.network.lm_structure import load_shrunk, save_shrunk, unit_counts
+
+    model = tiny("llama")
+    data = windows(4, 12)
+    small = cm.shrink(model, data, 0.4, "lm-wanda").model
+    small.model.layers[1].mlp = cm.shrink(model, data, 0.2, "lm-wanda").model.model.layers[1].mlp  # other width
+    save_shrunk(small, tmp_path / "small")
+    loaded = load_shrunk(tmp_path / "small")
+    assert unit_counts(loaded) == unit_counts(small) and len(set(unit_counts(small)["mlp_neurons"])) == 2
+    assert not hasattr(small.config, "chita_unit_counts")
+    with torch.no_grad():
+        assert torch.equal(loaded(data.ids).logits, small(data.ids).logits)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    model.save_pretrained(str(tmp_path / "dense"))
+    with pytest.raises(ValueError, match="not written by save_shrunk"):
+        load_shrunk(tmp_path / "dense")
 
 
 def test_shrink_on_a_language_model_clear_errors():
