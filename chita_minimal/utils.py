@@ -79,6 +79,22 @@ def check_sparsity(name: str, value) -> float:
     return float(value)
 
 
+def deprecated(fn, name: str, instead: str):
+    """``fn`` kept for one release under its old public ``name`` as a deprecated alias: each call emits
+    ``DeprecationWarning("<name>(...) is deprecated ...; use <instead>")`` and runs ``fn`` unchanged. The wrapper
+    has ``fn``'s docstring and signature, the old name, and ``__deprecated__`` = ``instead``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        warnings.warn(f"{name}(...) is deprecated and will be removed in the next release; use {instead}",
+                      DeprecationWarning, stacklevel=2)
+        return fn(*args, **kwargs)
+
+    wrapper.__name__ = wrapper.__qualname__ = name
+    wrapper.__deprecated__ = instead
+    return wrapper
+
+
 def renamed(**aliases: str):
     """Decorator: keep each old keyword name of a function working for one release as a deprecated alias.
 

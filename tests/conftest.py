@@ -7,6 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from chita_minimal.data import datasets as _data
 
@@ -77,8 +79,31 @@ def image_data(m, shape, seed=0):
     return TensorDataset(torch.randn(m, *shape, generator=g), torch.randint(0, 10, (m,), generator=g))
 
 
-
 from chita_minimal.models import MLPNet as _MLPNet  # noqa: E402
+
+
+def _dw_block(cin, cout, stride):
+    return nn.Sequential(nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin), nn.ReLU(),
+                         nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class DepthwiseCNN(nn.Module):
+    """stem → two depthwise-separable blocks; block 2 concatenated with a 1×1 side branch of block 1's output
+    (16 + 4 channels) → 1×1 fuse conv (16) → 2×2 pooling → flatten → Linear(64, 16) → Linear(16, 10)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.block1 = _dw_block(8, 12, 2)
+        self.block2 = _dw_block(12, 16, 2)
+        self.side = nn.Conv2d(12, 4, 1)
+        self.fuse = nn.Conv2d(20, 16, 1)
+        self.head = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+
+    def forward(self, x):
+        a = self.block1(self.stem(x))
+        y = torch.cat([self.block2(a), self.side(F.avg_pool2d(a, 2))], 1)
+        return self.head(F.adaptive_avg_pool2d(F.relu(self.fuse(y)), 2).flatten(1))
 
 
 class TinyMLP(_MLPNet):

@@ -12,10 +12,13 @@
 | ``lowrank`` | ALDS-style SVD factorisation with min-max error rank allocation |
 | ``quantize`` | OBQ/GPTQ-style and round-to-nearest quantization, sparse + quantized |
 
-Every entry point returns a :class:`chita_minimal.report.Report`; the channel methods
-(``group_chita_prune``, ``spectral_prune``, ``ispasp_prune``, ``smcp_train``) a
+One-shot structure removal goes through ``cm.shrink`` and its registry (``methods``); the scores, ``select``
+and ``shrink`` of ``channels`` are the steps underneath. Every entry point returns a
+:class:`chita_minimal.report.Report`: ``cm.shrink`` and ``smcp_train`` (training-time) a
 :class:`channels.ChannelReport` whose ``model`` is the small network and ``keep`` the kept channels,
-``lowrank.compress`` a report whose ``model`` is the factorized copy.
+``lowrank.compress`` a report whose ``model`` is the factorized copy. The per-family entry points of earlier
+releases (``group_chita_prune``, ``spectral_prune``, ``ispasp_prune``) still work for this release and warn
+(``DeprecationWarning``) with the ``cm.shrink`` call that replaces them.
 """
 
 from chita_minimal.utils import lazy_submodules

@@ -43,7 +43,7 @@ Pieces::
     keep, frac = select(model, l1_scores(model), 0.5)          # ≤ 50 % of the FLOPs removed
     keep, frac = select(model, l1_scores(model, residual=True), 0.5, residual=True)  # streams too
     small = shrink(model, keep)                 # accepts "layerK.residual" masks as they are
-    report = group_chita_prune(model, data, 0.5, n_grads=128, l2=1e-3)   # a ChannelReport
+    report = cm.shrink(model, data, 0.5, "group-chita", n_grads=128, l2=1e-3)   # a StructuredReport
     report.model, report.keep, report.achieved  # the small model, kept channels, FLOP fraction removed
     # any other model: pass what it is called with (or input_shape=, where a function has one)
     x = torch.zeros(1, 3, 64, 64)
@@ -78,7 +78,7 @@ from chita_minimal.structure.graph import (all_groups, channel_groups, default_i
                                            missing_inputs, prune_channels)
 from chita_minimal.structure.graph import DEFAULT_INPUT_SHAPES, ChannelGroup, ResidualGroup  # noqa: F401 (re-exported)
 from chita_minimal.structure.graph import MissingExampleInputs  # noqa: F401 (re-exported)
-from chita_minimal.utils import check_choice, renamed
+from chita_minimal.utils import check_choice, deprecated, renamed
 
 
 # -----------------------------------------------------------------------------
@@ -90,9 +90,12 @@ def group_widths(model: nn.Module, residual: bool = False, *, example_inputs=Non
     return {name: gr.channels for name, gr in channel_groups(model, example_inputs, residual=residual).items()}
 
 
-def check_keep(model: nn.Module, keep, residual: bool = False, *, example_inputs=None) -> dict[str, torch.Tensor]:
-    """Validated keep masks, one bool (channels,) per group (absent groups: all kept)."""
-    widths = group_widths(model, residual, example_inputs=example_inputs)
+def check_keep(model: nn.Module, keep, residual: bool = False, *, example_inputs=None,
+               groups=None) -> dict[str, torch.Tensor]:
+    """Validated keep masks, one bool (channels,) per group (absent groups: all kept); ``groups``: the model's
+    channel groups when the caller has them (no second trace)."""
+    widths = group_widths(model, residual, example_inputs=example_inputs) if groups is None else \
+        {name: gr.channels for name, gr in groups.items()}
     if not isinstance(keep, dict):
         raise TypeError(f"keep must be a dict group name -> bool mask, got {type(keep).__name__}")
     unknown = [name for name in keep if name not in widths]
@@ -672,7 +675,7 @@ class ChannelReport(Report):
 
 @dataclass(kw_only=True)
 class StructuredReport(ChannelReport):
-    """What :func:`group_chita_prune` did: a :class:`ChannelReport` (method "group-chita") plus
+    """What :func:`group_chita` (``cm.shrink(..., method="group-chita")``) did: a :class:`ChannelReport` (method "group-chita") plus
     bytes_dense / bytes_pruned (:func:`param_bytes` of the dense and the small model),
     objective_start (f of (P) at the group backsolve start), objective (f at the end) and the
     IHT iterations."""
@@ -689,11 +692,10 @@ class StructuredReport(ChannelReport):
             f"{self.objective:.6g} in {self.iterations} IHT iteration(s)"]
 
 
-@renamed(n="n_grads")
-def group_chita_prune(model: nn.Module, dataset, fraction: float, *, n_grads: int, l2: float = 1e-3,
-                      batch_size: int = 1, seed: int = 0, scores=None, input_shape=None,
-                      max_iter: int = 100, tol: float = 1e-9, swap_rounds: int = 10,
-                      residual: bool = False, example_inputs=None, budget: str = "flops") -> StructuredReport:
+def group_chita(model: nn.Module, dataset, fraction: float, *, n_grads: int, l2: float = 1e-3,
+                batch_size: int = 1, seed: int = 0, scores=None, input_shape=None,
+                max_iter: int = 100, tol: float = 1e-9, swap_rounds: int = 10,
+                residual: bool = False, example_inputs=None, budget: str = "flops") -> StructuredReport:
     """Group-CHITA channel pruning of a network to remove ≤ ``fraction`` of the FLOPs (``budget="params"``: of
     the Conv2d/Linear weights).
 
@@ -713,9 +715,9 @@ def group_chita_prune(model: nn.Module, dataset, fraction: float, *, n_grads: in
     channel, its column to an inner channel), which :func:`group_iht` handles.
 
     Returns a :class:`StructuredReport` whose ``model`` is ``shrink(model, keep)``: the small model
-    computes the same function as the written-back ``model``. ``n`` is the deprecated old name of
-    ``n_grads``. Models other than the package's need ``input_shape`` (one input, for FLOPs and
-    tracing) or ``example_inputs`` (see :func:`channel_groups`).
+    computes the same function as the written-back ``model``. Models other than the package's need
+    ``input_shape`` (one input, for FLOPs and tracing) or ``example_inputs`` (see :func:`channel_groups`).
+    ``cm.shrink(model, data, fraction, method="group-chita", ...)`` runs it on a copy.
     """
     t0 = time.perf_counter()
     fraction = check_fraction(fraction)
@@ -752,3 +754,9 @@ def group_chita_prune(model: nn.Module, dataset, fraction: float, *, n_grads: in
                             seconds={"total": time.perf_counter() - t0}, model=small, keep=keep, flops_dense=f_dense,
                             flops_pruned=f_small, bytes_dense=param_bytes(model), bytes_pruned=param_bytes(small),
                             objective_start=res.trace[0], objective=res.trace[-1], iterations=res.iterations)
+
+
+# the per-family entry point before cm.shrink (deprecated; ``n``: the older name of ``n_grads``)
+group_chita_prune = renamed(n="n_grads")(deprecated(
+    group_chita, "group_chita_prune", "cm.shrink(model, data, fraction, method='group-chita', n_grads=...), which "
+    "returns the same report and leaves the model given untouched"))

@@ -34,7 +34,7 @@ least-squares refit, Luo et al. 2017; i-SpaSP itself only selects); with ``refit
 kept weights are unchanged. All groups keep the same fraction of their channels, the largest
 one whose FLOP reduction stays within the budget.
 
-    report = ispasp_prune(model, calib, 0.5, n_samples=64)   # ≤ 50 % of the FLOPs removed
+    report = cm.shrink(model, calib, 0.5, "ispasp", n_samples=64)   # ≤ 50 % of the FLOPs removed
     report.model, report.keep, report.achieved, report.residuals["layer1.0.conv1"]
 """
 
@@ -53,7 +53,7 @@ from chita_minimal.network import fisher
 from chita_minimal.structure.channels import (ChannelReport, FlopModel, _input_shape, channel_groups, check_fraction,
                                               flops, group_widths, shrink)
 from chita_minimal.structure.graph import example_inputs_for
-from chita_minimal.utils import check_int, renamed
+from chita_minimal.utils import check_int, deprecated, renamed
 
 RIDGE = 1e-9  # relative ridge of the least-squares Gram systems (times the mean diagonal)
 
@@ -234,7 +234,7 @@ def uniform_counts(model: nn.Module, fraction: float, input_shape=None, *, resid
 
 @dataclass(kw_only=True)
 class ISpaSPReport(ChannelReport):
-    """What :func:`ispasp_prune` did: a :class:`~chita_minimal.structure.channels.ChannelReport`
+    """What :func:`ispasp` (``cm.shrink(..., method="ispasp")``) did: a :class:`~chita_minimal.structure.channels.ChannelReport`
     (method "ispasp"; ``model`` the small model, ``keep`` group → bool (C,) kept channels) plus
 
     scales: group → (C,) factor applied to the consumer's input columns (a_c with refit, 1 without;
@@ -263,10 +263,9 @@ def _samples(model: nn.Module, dataset, n: int, seed: int) -> torch.Tensor:
     return x.flatten(0, 1)
 
 
-@renamed(n="n_samples")
-def ispasp_prune(model: nn.Module, dataset, fraction: float, *, n_samples: int = 64, iterations: int = 10,
-                 refit: bool = True, seed: int = 0, batch_size: int = 16, input_shape=None, residual: bool = False,
-                 example_inputs=None, budget: str = "flops") -> ISpaSPReport:
+def ispasp(model: nn.Module, dataset, fraction: float, *, n_samples: int = 64, iterations: int = 10,
+           refit: bool = True, seed: int = 0, batch_size: int = 16, input_shape=None, residual: bool = False,
+           example_inputs=None, budget: str = "flops") -> ISpaSPReport:
     """I-SpaSP channel pruning of any traceable model removing ≤ ``fraction`` of the FLOPs.
 
     1. Counts: :func:`uniform_counts` (same keep ratio in every group, budget never exceeded).
@@ -279,8 +278,8 @@ def ispasp_prune(model: nn.Module, dataset, fraction: float, *, n_samples: int =
 
     ``residual``, ``example_inputs`` (models other than the package's), ``input_shape``, ``budget``: as for
     :func:`~chita_minimal.structure.channels.select`. Consumers must be plain convolutions or linear maps.
-    Returns an :class:`ISpaSPReport` whose ``model`` is the small model. ``n`` is the deprecated old
-    name of ``n_samples`` (forward passes only, no gradients: hence not ``n_grads``).
+    Returns an :class:`ISpaSPReport` whose ``model`` is the small model (``n_samples``: forward passes only, no
+    gradients, hence not ``n_grads``). ``cm.shrink(model, data, fraction, method="ispasp", ...)`` runs it.
     """
     t0 = time.perf_counter()
     fraction = check_fraction(fraction)
@@ -318,3 +317,9 @@ def ispasp_prune(model: nn.Module, dataset, fraction: float, *, n_samples: int =
     return ISpaSPReport(method="ispasp", target=fraction, achieved=1.0 - f_small / f_dense,
                         seconds={"total": time.perf_counter() - t0}, model=small, keep=keep, flops_dense=f_dense,
                         flops_pruned=f_small, scales=scales, residuals=residuals, final_residual=final)
+
+
+# the per-family entry point before cm.shrink (deprecated; ``n``: the older name of ``n_samples``)
+ispasp_prune = renamed(n="n_samples")(deprecated(
+    ispasp, "ispasp_prune", "cm.shrink(model, data, fraction, method='ispasp', n_samples=...), which returns the "
+    "same report"))

@@ -79,9 +79,12 @@ class StructureMethod(Options):
         """The dense model as its budget is counted (the same function, modules the counter sees)."""
         return model
 
-    def remove(self, model: nn.Module, data, fraction: float, run: Run) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    def remove(self, model: nn.Module, data, fraction: float,
+               run: Run) -> tuple[nn.Module, dict[str, torch.Tensor]] | channels.ChannelReport:
         """(the smaller model, keep masks), at most ``fraction`` of the budget removed; ``model`` is not modified.
-        By default: :meth:`scores` → :func:`~chita_minimal.structure.channels.select` → ``channels.shrink``."""
+        By default: :meth:`scores` → :func:`~chita_minimal.structure.channels.select` → ``channels.shrink``. A
+        method with more to say returns its own :class:`~chita_minimal.structure.channels.ChannelReport` (``shrink``
+        then sets its budget figures)."""
         keep, _ = channels.select(model, self.scores(model, data, run), fraction, run.input_shape,
                                   residual=run.residual, example_inputs=run.example_inputs, budget=run.budget)
         return channels.shrink(model, keep, run.example_inputs), keep
@@ -128,13 +131,16 @@ def shrink(model: nn.Module, data=None, fraction: float = 0.5, method="l1", *, b
     shape = channels._input_shape(model, input_shape, example_inputs)
     example_inputs = example_inputs_for(model, example_inputs, shape)
     run = Run(budget, residual, example_inputs, shape, seed)
-    small, keep = m.remove(model, data, fraction, run)
+    out = m.remove(model, data, fraction, run)
+    report = out if isinstance(out, channels.ChannelReport) else \
+        channels.ChannelReport(method=m.name, target=fraction, achieved=0.0, seconds={}, model=out[0], keep=out[1],
+                               flops_dense=0, flops_pruned=0)
     measure = channels.flops if budget == "flops" else channels.weight_count
-    dense = m.counted(model)
+    dense, small = m.counted(model), report.model
     dense_cost, small_cost = measure(dense, shape), measure(small, shape)
-    report = channels.ChannelReport(method=m.name, target=fraction, achieved=1.0 - small_cost / dense_cost,
-                                    seconds={"total": time.perf_counter() - t0}, model=small, keep=keep,
-                                    flops_dense=channels.flops(dense, shape), flops_pruned=channels.flops(small, shape))
+    report.target, report.achieved = fraction, 1.0 - small_cost / dense_cost
+    report.flops_dense, report.flops_pruned = channels.flops(dense, shape), channels.flops(small, shape)
+    report.seconds = dict(report.seconds, total=time.perf_counter() - t0)
     report.notes.append(f"budget {budget}: {dense_cost:,} → {small_cost:,}")
     return report
 
@@ -242,18 +248,20 @@ class Spectral(_Gradients):
     summary = "spectral radius of each channel's Fisher/Hessian block"
     curvature: str = "fisher"
     iterations: int = 20
+    max_hvps: int = 5000
 
     def check(self):
         super().check()
         check_choice("curvature", self.curvature, ("fisher", "hessian"))
         check_int("iterations", self.iterations)
+        check_int("max_hvps", self.max_hvps)
 
     def scores(self, model, data, run):
         from chita_minimal.structure.spectral import spectral_scores
 
         return spectral_scores(model, data, self.n_grads, curvature=self.curvature, seed=run.seed,
-                               iterations=self.iterations, batch_size=self.batch_size, residual=run.residual,
-                               example_inputs=run.example_inputs)
+                               iterations=self.iterations, batch_size=self.batch_size, max_hvps=self.max_hvps,
+                               residual=run.residual, example_inputs=run.example_inputs)
 
 
 @register
@@ -275,13 +283,11 @@ class GroupCHITA(_Gradients):
         check_int("swap_rounds", self.swap_rounds, low=0)
 
     def remove(self, model, data, fraction, run):
-        work = copy.deepcopy(model)  # group_chita_prune writes the refit weights back into the model it is given
-        report = channels.group_chita_prune(work, data, fraction, n_grads=self.n_grads, l2=self.l2,
-                                            batch_size=self.batch_size, seed=run.seed, input_shape=run.input_shape,
-                                            max_iter=self.max_iter, swap_rounds=self.swap_rounds,
-                                            residual=run.residual, example_inputs=run.example_inputs,
-                                            budget=run.budget)
-        return report.model, report.keep
+        work = copy.deepcopy(model)  # channels.group_chita writes the refit weights back into the model it is given
+        return channels.group_chita(work, data, fraction, n_grads=self.n_grads, l2=self.l2,
+                                    batch_size=self.batch_size, seed=run.seed, input_shape=run.input_shape,
+                                    max_iter=self.max_iter, swap_rounds=self.swap_rounds, residual=run.residual,
+                                    example_inputs=run.example_inputs, budget=run.budget)
 
 
 @register
@@ -302,12 +308,11 @@ class ISpaSP(StructureMethod):
         check_int("batch_size", self.batch_size)
 
     def remove(self, model, data, fraction, run):
-        from chita_minimal.structure.ispasp import ispasp_prune
+        from chita_minimal.structure.ispasp import ispasp
 
-        report = ispasp_prune(model, data, fraction, n_samples=self.n_samples, iterations=self.iterations,
-                              seed=run.seed, batch_size=self.batch_size, input_shape=run.input_shape,
-                              residual=run.residual, example_inputs=run.example_inputs, budget=run.budget)
-        return report.model, report.keep
+        return ispasp(model, data, fraction, n_samples=self.n_samples, iterations=self.iterations, seed=run.seed,
+                      batch_size=self.batch_size, input_shape=run.input_shape, residual=run.residual,
+                      example_inputs=run.example_inputs, budget=run.budget)
 
 
 @register

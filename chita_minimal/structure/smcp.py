@@ -1,8 +1,10 @@
 """SMCP: soft channel masks under a FLOP or latency budget (Humble, Shen, Latorre, Darve & Alvarez,
 "Soft Masking for Cost-Constrained Channel Pruning", ECCV 2022).
 
-Channels of the groups of :func:`structured.channel_groups` (ResNetCifar inner block channels,
-MLPNet hidden neurons) are pruned *during* fine-tuning by a soft mask: a masked channel is taken
+Channels of the groups of :func:`structured.channel_groups` (ResNetCifar inner block channels, MLPNet hidden
+neurons; on any traceable model every group, with all its producers and consumers: a MobileNet channel is a
+pointwise filter, its depthwise filter and the next pointwise conv's column) are pruned *during* fine-tuning by a
+soft mask: a masked channel is taken
 out of the forward pass but its weights are kept, and every ``update_every`` steps the mask is
 re-computed from channel importances as the solution of a global knapsack, so a pruned channel
 can come back:
@@ -22,8 +24,8 @@ the mask is chosen one last time (at the final budget) and made permanent.
     cm.recalibrate_bn(res.model, train)     # BN statistics of the small model: the caller's job
     res.model, res.keep, res.achieved, res.losses, res.stages, res.seconds
 
-Masking. A 0/1 gate m_c multiplies channel c's activation at the input of the group's consumer
-(:class:`ChannelGates`, forward pre-hooks; the paper, too, masks "input channels"): the same
+Masking. A 0/1 gate m_c multiplies channel c's activation at the input of every consumer of the group, through
+the group's index maps (:class:`ChannelGates`, forward pre-hooks; the paper, too, masks "input channels"): the same
 function as the shrunk model, with every weight kept in place. A masked channel's weights get no
 loss gradient, and they are *parked*: held at their values (no weight decay, momentum reset), so
 a channel comes back exactly as it left. ``soft=False`` is the baseline at the same schedule:
@@ -64,14 +66,26 @@ from chita_minimal.network import params
 from chita_minimal.network.loop import cosine_lr, epoch_batches, forward_backward, setup
 from chita_minimal.network.measure import latency as _latency
 from chita_minimal.structure import channels as structured
+from chita_minimal.structure.graph import example_inputs_for
 from chita_minimal.utils import check_int as _int
 from chita_minimal.utils import check_number, renamed
 
 COSTS = ("flops", "latency")
 
 
-def _shape(model, input_shape):
-    return structured.DEFAULT_INPUT_SHAPES[type(model)] if input_shape is None else tuple(input_shape)
+def _shape(model, input_shape, example_inputs=None):
+    return structured._input_shape(model, input_shape, example_inputs)
+
+
+def _groups(model, input_shape, example_inputs=None):
+    """The channel groups, traced on ``example_inputs`` (default: one zero input of ``input_shape``)."""
+    return structured.channel_groups(model, example_inputs_for(model, example_inputs, input_shape))
+
+
+def _member_keep(gr, name: str, keep: torch.Tensor) -> torch.Tensor:
+    """Bool over member ``name``'s pruned dimension: False where the index carries a removed channel of ``gr``."""
+    owner = gr.channel_of(name)
+    return torch.where(owner >= 0, keep.to(owner.device)[owner.clamp_min(0)], torch.ones((), dtype=torch.bool))
 
 
 # -----------------------------------------------------------------------------
@@ -104,12 +118,15 @@ def _pair(model, gr, width: int, input_shape) -> nn.Module:
 
 
 def channel_costs(model: nn.Module, kind: str = "flops", input_shape=None, *, batch_size: int = 32,
-                  repeats: int = 10, widths: int = 4, warmup: int = 2, device=None, seed: int = 0) -> dict:
+                  repeats: int = 10, widths: int = 4, warmup: int = 2, device=None, seed: int = 0,
+                  example_inputs=None) -> dict:
     """Cost of keeping ONE channel of each group: dict group → MACs (int) or milliseconds (float).
 
-    ``kind="flops"``: with the producer P (MACs u_P·in_P·out_P, see :func:`structured.flops`) and the
-    consumer Q (u_Q·in_Q·out_Q), one channel costs u_P·in_P + u_Q·out_Q at ONE input of shape
-    ``input_shape`` (default the model's, e.g. (3, 32, 32)). On ResNetCifar every in_P and out_Q is
+    ``kind="flops"``: the MACs at ONE input of shape ``input_shape`` (default the model's, e.g. (3, 32, 32)) that
+    removing one channel of the group saves, all other widths full (:class:`structured.FlopModel`): with one
+    producer P (MACs u_P·in_P·out_P, see :func:`structured.flops`) and one consumer Q (u_Q·in_Q·out_Q)
+    that is u_P·in_P + u_Q·out_Q; with several (a depthwise filter, a flatten → Linear consumer reading HW
+    columns per channel) the sum over all of them. On ResNetCifar every in_P and out_Q is
     a skip width that never changes, so the cost model is exact:
     flops(shrink(model, keep)) = flops(model) − Σ_removed cost_g. On MLPNet, fc2 is the consumer of
     group fc1 AND the producer of group fc2, so its u·n_fc1·n_fc2 MACs couple the groups: the costs
@@ -122,16 +139,22 @@ def channel_costs(model: nn.Module, kind: str = "flops", input_shape=None, *, ba
     at ``widths`` evenly spaced widths C/k … C; the least-squares slope (ms per channel, clipped at 0)
     is the cost. Latency is only approximately linear in the width (kernel choice, vectorisation
     and cache effects make it a staircase, and CPU timings are noisy), so a latency budget holds
-    for this linear model, not necessarily for a re-measured latency.
+    for this linear model, not necessarily for a re-measured latency. It needs groups of one producer and one
+    consumer (ValueError otherwise: use ``kind="flops"``). ``example_inputs``: what a model other than the
+    package's is called with (for tracing), as for :func:`structured.channel_groups`.
     """
-    groups = structured.channel_groups(model)  # TypeError for unsupported models
     if kind not in COSTS:
         raise ValueError(f"kind must be one of {COSTS}, got {kind!r}")
-    input_shape = _shape(model, input_shape)
-    if kind == "flops":
-        lc = structured.layer_costs(model, input_shape)  # name -> (unit, in, out)
-        return {g: lc[gr.producer][0] * lc[gr.producer][1] + lc[gr.consumer][0] * lc[gr.consumer][2]
-                for g, gr in groups.items()}
+    input_shape = _shape(model, input_shape, example_inputs)
+    if kind == "flops":  # (FlopModel traces the groups; TypeError for untraceable models)
+        fm = structured.FlopModel(model, input_shape, example_inputs=example_inputs)
+        full = {g: gr.channels for g, gr in fm.groups.items()}
+        return {g: fm.total - fm(dict(full, **{g: full[g] - 1})) for g in full}
+    groups = _groups(model, input_shape, example_inputs)
+    for g, gr in groups.items():
+        if len(gr.producers) != 1 or len(gr.consumers) != 1 or gr.index:
+            raise ValueError(f"cost='latency' times each group's producer → consumer pair; group {g!r} has "
+                             f"producers {list(gr.producers)} and consumers {list(gr.consumers)}: use cost='flops'")
     _int("batch_size", batch_size)
     _int("repeats", repeats)
     _int("widths", widths, 2)
@@ -240,46 +263,66 @@ def knapsack_keep(importance: dict, costs: dict, fraction: float, *, total: floa
 class ChannelGates:
     """0/1 gates m_g on the channels of every group, at the consumer's input, and their gradients.
 
-    Forward pre-hooks replace the consumer's input x (the producer → BN → ReLU activation,
-    (N, C_g) or (N, C_g, H, W)) by x ⊙ m_g, so the model computes the same function as
+    Forward pre-hooks replace every consumer's input x (the producer → BN → ReLU activation,
+    (N, C_g) or (N, C_g, H, W); through the group's index map when the consumer reads more or other columns) by
+    x ⊙ m_g, so the model computes the same function as
     ``structured.shrink(model, keep)`` while every weight stays in place. After a backward pass
 
         grad[g]   = ∂L/∂m_c = Σ_n γ_{n,c} / N,        fisher[g] = Σ_n γ_{n,c}² / N,     (C_g,)
         γ_{n,c}   = N · Σ_p x[n, c, p] · ∂L/∂(x ⊙ m)[n, c, p]    (p: spatial positions),
 
-    γ_n = sample n's term of the batch gate gradient, as a per-sample loss gradient (= ∂ℓ_n/∂m_c for
+    (summed over the group's consumers and over the input columns that carry channel c), γ_n = sample n's term of
+    the batch gate gradient, as a per-sample loss gradient (= ∂ℓ_n/∂m_c for
     L = mean_n ℓ_n when no BatchNorm after the gate couples the samples), so ``fisher`` is the
     empirical Fisher of the gate (Theis et al. 2018, "Faster gaze prediction with dense networks and
     Fisher pruning"), ≈ ∂²L/∂m_c². A masked channel (m_c = 0) is unused — its weights get no loss
     gradient — but its activation x is still computed, so its gate gradient is that of restoring it.
 
-        gates = ChannelGates(model, keep)     # or: with ChannelGates(model, keep) as gates:
+        gates = ChannelGates(model, keep, groups)     # or: with ChannelGates(model, keep) as gates:
         F.cross_entropy(model(x), y).backward()
         gates.grad, gates.fisher
         gates.set(new_keep); gates.remove()
     """
 
-    def __init__(self, model: nn.Module, keep: dict[str, torch.Tensor]):
-        self.model, self.groups = model, structured.channel_groups(model)  # TypeError for other models
-        self.grad, self.fisher, self._handles = {}, {}, []
+    def __init__(self, model: nn.Module, keep: dict[str, torch.Tensor], groups=None):
+        self.model = model
+        self.groups = structured.channel_groups(model) if groups is None else groups  # TypeError: untraceable
+        self._terms, self._handles = {}, [model.register_forward_pre_hook(lambda mod, inp: self._terms.clear())]
         self.set(keep)
         for g, gr in self.groups.items():
-            self._handles.append(model.get_submodule(gr.consumer).register_forward_pre_hook(
-                lambda mod, inp, g=g: (self._gate(g, inp[0]),)))
+            for q in gr.consumers:  # every reader of the channels, through its index map
+                self._handles.append(model.get_submodule(q).register_forward_pre_hook(
+                    lambda mod, inp, g=g, q=q: (self._gate(g, q, inp[0]), *inp[1:])))
+
+    @property
+    def grad(self) -> dict[str, torch.Tensor]:
+        """∂L/∂m_c of every gated group after the last backward pass, summed over the group's consumers."""
+        return {g: s.sum(0) for g, s in self._terms.items()}
+
+    @property
+    def fisher(self) -> dict[str, torch.Tensor]:
+        """The gates' empirical Fisher Σ_n γ_{n,c}²/N after the last backward pass."""
+        return {g: (s * len(s)).pow(2).mean(0) for g, s in self._terms.items()}
 
     def set(self, keep: dict[str, torch.Tensor]) -> None:
         """New gates: 1 where ``keep`` is True (absent groups: all 1)."""
-        keep = structured.check_keep(self.model, keep)
+        keep = structured.check_keep(self.model, keep, groups=self.groups)
         ref = next(self.model.parameters())
         self.m = {g: m.to(device=ref.device, dtype=ref.dtype) for g, m in keep.items()}
+        self._columns = {(g, q): _member_keep(gr, q, keep[g]).to(device=ref.device, dtype=ref.dtype)
+                         for g, gr in self.groups.items() for q in gr.consumers}
 
-    def _gate(self, g, x):
-        y = x * self.m[g].view(1, -1, *[1] * (x.dim() - 2))
+    def _gate(self, g, q, x):
+        y = x * self._columns[(g, q)].view(1, -1, *[1] * (x.dim() - 2))
         if y.requires_grad:
+            owner = self.groups[g].channel_of(q).to(x.device)
+            cols = (owner >= 0).nonzero().squeeze(1)
+
             def record(gy, x=x.detach()):
-                s = x * gy if x.dim() == 2 else (x * gy).flatten(2).sum(2)  # (N, C): γ / N
-                self.grad[g] = s.sum(0)
-                self.fisher[g] = (s * len(s)).pow(2).mean(0)
+                s = x * gy if x.dim() == 2 else (x * gy).flatten(2).sum(2)  # (N, in): γ / N per input column
+                term = torch.zeros(len(s), self.groups[g].channels, dtype=s.dtype, device=s.device)
+                term.index_add_(1, owner[cols], s[:, cols])  # the columns of each channel, summed
+                self._terms[g] = self._terms[g] + term if g in self._terms else term
             y.register_hook(record)
         return y
 
@@ -295,11 +338,12 @@ class ChannelGates:
         self.remove()
 
 
-def channel_masks(model: nn.Module, keep: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def channel_masks(model: nn.Module, keep: dict[str, torch.Tensor], groups=None) -> dict[str, torch.Tensor]:
     """Per-parameter bool masks (True = kept, for :func:`params.apply_masks`) covering everything of
-    the removed channels: producer rows (weight, bias), BN weight/bias entries, consumer columns."""
-    groups = structured.channel_groups(model)
-    keep = structured.check_keep(model, keep)
+    the removed channels, through the groups' index maps: every producer's rows (weight, bias), every norm's
+    weight/bias entries, every consumer's columns."""
+    groups = structured.channel_groups(model) if groups is None else groups
+    keep = structured.check_keep(model, keep, groups=groups)
     masks = {}
 
     def cut(name, dim, kept):
@@ -310,13 +354,12 @@ def channel_masks(model: nn.Module, keep: dict[str, torch.Tensor]) -> dict[str, 
     for g, gr in groups.items():
         if bool(keep[g].all()):
             continue
-        names = [(f"{gr.producer}.weight", 0), (f"{gr.consumer}.weight", 1)]
-        if model.get_submodule(gr.producer).bias is not None:
-            names.append((f"{gr.producer}.bias", 0))
-        if gr.bn is not None and model.get_submodule(gr.bn).affine:
-            names += [(f"{gr.bn}.weight", 0), (f"{gr.bn}.bias", 0)]
-        for name, dim in names:
-            cut(name, dim, keep[g])
+        for member, dim in [(p, 0) for p in gr.producers] + [(b, 0) for b in gr.bns] + [(q, 1) for q in gr.consumers]:
+            module, kept = model.get_submodule(member), _member_keep(gr, member, keep[g])
+            if dim == 1 or not isinstance(module, nn.modules.batchnorm._NormBase) or module.affine:
+                cut(f"{member}.weight", dim, kept)
+            if dim == 0 and getattr(module, "bias", None) is not None:
+                cut(f"{member}.bias", 0, kept)
     return masks
 
 
@@ -400,8 +443,12 @@ def smcp_train(model: nn.Module, train_dataset, fraction: float, epochs: int, *,
                update_every: int = 100, ramp: float = 0.5, freeze: float = 0.75, ema: float = 0.9,
                soft: bool = True, batch_size: int = 128, momentum: float = 0.9, weight_decay: float = 5e-4,
                nesterov: bool = True, input_shape=None, resolution: int = 2000,
-               latency_options: dict | None = None, device=None, seed: int = 0, progress: bool = False) -> SMCPResult:
-    """SMCP fine-tuning of a ResNetCifar / MLPNet to remove ≥ ``fraction`` of its cost; returns an :class:`SMCPResult`.
+               latency_options: dict | None = None, device=None, seed: int = 0, progress: bool = False,
+               example_inputs=None) -> SMCPResult:
+    """SMCP fine-tuning of a network to remove ≥ ``fraction`` of its cost; returns an :class:`SMCPResult`.
+
+    Any traceable model: the package's have default input shapes; another needs ``input_shape`` (one input) or
+    ``example_inputs`` (what it is called with), as for :func:`structured.channel_groups`.
 
     SGD (momentum, Nesterov, weight decay, cosine learning rate from ``lr`` to 0 over all T steps,
     batches from a permutation drawn with ``seed`` + epoch: as :func:`sparse_training.rigl`). The
@@ -430,7 +477,9 @@ def smcp_train(model: nn.Module, train_dataset, fraction: float, epochs: int, *,
     a few momentum steps from the reset values).
     """
     fraction = structured.check_fraction(fraction)
-    groups = structured.channel_groups(model)  # TypeError for unsupported models
+    input_shape = _shape(model, input_shape, example_inputs)
+    example_inputs = example_inputs_for(model, example_inputs, input_shape)
+    groups = structured.channel_groups(model, example_inputs)  # TypeError for untraceable models
     _, device = setup(model, train_dataset, 0.0, epochs, lr, batch_size, None, device)  # shared checks
     update_every = _int("update_every", update_every)
     ramp = check_number("ramp", ramp, 0, 1)
@@ -448,11 +497,10 @@ def smcp_train(model: nn.Module, train_dataset, fraction: float, epochs: int, *,
         raise TypeError(f"soft must be a bool, got {type(soft).__name__}")
     if latency_options is not None and not isinstance(latency_options, dict):
         raise TypeError(f"latency_options must be a dict or None, got {type(latency_options).__name__}")
-    input_shape = _shape(model, input_shape)
     t0 = time.perf_counter()
-    costs = channel_costs(model, cost, input_shape, **(latency_options or {}))
-    flop_model = structured.FlopModel(model, input_shape)  # exact FLOPs of any per-group counts
-    full = sum(costs[g] * model.get_submodule(gr.producer).weight.shape[0] for g, gr in groups.items())
+    costs = channel_costs(model, cost, input_shape, example_inputs=example_inputs, **(latency_options or {}))
+    flop_model = structured.FlopModel(model, input_shape, example_inputs=example_inputs)  # exact FLOPs of any counts
+    full = sum(costs[g] * gr.channels for g, gr in groups.items())
 
     def removed_fraction(keep):  # of the whole model's FLOPs, or of the groups' modelled latency
         if cost == "flops":
@@ -481,8 +529,7 @@ def smcp_train(model: nn.Module, train_dataset, fraction: float, epochs: int, *,
     total = epochs * steps
     frozen_at = min(total, max(1, round(freeze * total)))
     dtype = next(model.parameters()).dtype
-    keep = {g: torch.ones(model.get_submodule(gr.producer).weight.shape[0], dtype=torch.bool)
-            for g, gr in groups.items()}
+    keep = {g: torch.ones(gr.channels, dtype=torch.bool) for g, gr in groups.items()}
     hold = {}  # parameter name -> (bool mask, True = free to train; values held where False)
     avg = dict.fromkeys(groups)  # group -> EMA of (gate gradient, gate Fisher) since the last update
     history, losses, step, frozen = [], [], 0, False
@@ -496,7 +543,7 @@ def smcp_train(model: nn.Module, train_dataset, fraction: float, epochs: int, *,
                             removed=sum(int((~new[g] & keep[g]).sum()) for g in groups),
                             kept=sum(int(m.sum()) for m in new.values()), final=final))
         keep, avg, frozen = new, dict.fromkeys(groups), final
-        masks = channel_masks(model, keep)
+        masks = channel_masks(model, keep, groups)
         if final or not soft:
             params.apply_masks(model, masks)  # pruned for good: held at 0
         gates.set(keep)
@@ -512,7 +559,7 @@ def smcp_train(model: nn.Module, train_dataset, fraction: float, epochs: int, *,
 
     was_training = model.training
     model.train()
-    gates = ChannelGates(model, keep)
+    gates = ChannelGates(model, keep, groups)
     try:
         for epoch in range(epochs):
             run, seen = 0.0, 0
@@ -538,7 +585,7 @@ def smcp_train(model: nn.Module, train_dataset, fraction: float, epochs: int, *,
     finally:
         gates.remove()
         model.train(was_training)
-    small = structured.shrink(model, keep)
+    small = structured.shrink(model, keep, example_inputs)
     flops_small = structured.flops(small, input_shape)
     achieved = 1 - flops_small / flop_model.total
     return SMCPResult(method="smcp", target=fraction, achieved=achieved, stages=history, model=small,

@@ -3,7 +3,7 @@ Efficiently capturing global correlations by second-order structured pruning").
 
 For each channel c of a prunable group (see :func:`structured.channel_groups`), its variable set
 G is the producer's output row c and the consumer's input column c (as in
-:func:`structured.group_chita_prune`; :func:`structured.weight_groups` gives the coordinates),
+:func:`structured.group_chita`; :func:`structured.weight_groups` gives the coordinates),
 with indicator m_G ∈ {0,1}^p over the p weights w of all producers/consumers. With the rows
 X (n×p) of :func:`fisher.gradients`, the mean gradient ḡ = Xᵀ1/n and the empirical Fisher
 F = XᵀX/n as the Hessian approximation, the score implemented here is exactly::

@@ -29,13 +29,11 @@ Curvature:
 
     scores = spectral_scores(model, calib, n_grads=128)             # group → (channels,)
     keep, frac = structured.select(model, scores, 0.5)
-    report = spectral_prune(model, calib, 0.5, n_grads=128)         # a ChannelReport
+    report = cm.shrink(model, calib, 0.5, "spectral", n_grads=128)  # a ChannelReport
     report.model, report.keep, report.achieved                      # small model, kept channels, FLOPs removed
 """
 
 from __future__ import annotations
-
-import time
 
 import torch
 import torch.nn.functional as F
@@ -44,10 +42,9 @@ from torch.func import functional_call, grad, vjp
 
 from chita_minimal.network import fisher
 from chita_minimal.network.params import layout
-from chita_minimal.structure.channels import (DEFAULT_INPUT_SHAPES, ChannelReport, channel_groups, check_fraction,
-                                              flops, select, shrink, weight_groups)
+from chita_minimal.structure.channels import ChannelReport, channel_groups, weight_groups
 from chita_minimal.structure.sosp import group_weight_names
-from chita_minimal.utils import check_int, renamed
+from chita_minimal.utils import check_int, deprecated, renamed
 
 CURVATURES = ("fisher", "hessian")
 
@@ -188,24 +185,18 @@ def spectral_scores(model: nn.Module, dataset, n_grads: int, *, curvature: str =
     return out
 
 
-@renamed(n="n_grads")
-def spectral_prune(model: nn.Module, dataset, fraction: float, *, n_grads: int, curvature: str = "fisher",
-                   seed: int = 0, iterations: int = 20, batch_size: int = 1, max_hvps: int = 5000,
-                   input_shape=None) -> ChannelReport:
-    """:func:`spectral_scores` → :func:`structured.select` (≤ ``fraction`` of the FLOPs removed) → ``shrink``.
+def _spectral_prune(model: nn.Module, dataset, fraction: float, *, n_grads: int, curvature: str = "fisher",
+                    seed: int = 0, iterations: int = 20, batch_size: int = 1, max_hvps: int = 5000,
+                    input_shape=None) -> ChannelReport:
+    """:func:`spectral_scores` → :func:`select` (≤ ``fraction`` of the FLOPs removed) → ``shrink``: what
+    ``cm.shrink(model, data, fraction, method="spectral", n_grads=..., ...)`` does. Returns its
+    :class:`~chita_minimal.structure.channels.ChannelReport`; ``model`` itself is not modified."""
+    from chita_minimal.structure.methods import shrink as shrink_model
 
-    Returns a :class:`~chita_minimal.structure.channels.ChannelReport` (method "spectral"): ``model``
-    the small model, ``keep`` the kept channels, ``achieved`` the FLOP fraction removed (as
-    :func:`select` measures it). ``model`` itself is not modified. ``n`` is the deprecated old name of
-    ``n_grads``.
-    """
-    t0 = time.perf_counter()
-    fraction = check_fraction(fraction)  # before the costly scores
-    scores = spectral_scores(model, dataset, n_grads, curvature=curvature, seed=seed, iterations=iterations,
-                             batch_size=batch_size, max_hvps=max_hvps)
-    keep, achieved = select(model, scores, fraction, input_shape)
-    small = shrink(model, keep)
-    shape = DEFAULT_INPUT_SHAPES[type(model)] if input_shape is None else tuple(input_shape)
-    return ChannelReport(method="spectral", target=fraction, achieved=achieved,
-                         seconds={"total": time.perf_counter() - t0}, model=small, keep=keep,
-                         flops_dense=flops(model, shape), flops_pruned=flops(small, shape))
+    return shrink_model(model, dataset, fraction, "spectral", n_grads=n_grads, curvature=curvature, seed=seed,
+                        iterations=iterations, batch_size=batch_size, max_hvps=max_hvps, input_shape=input_shape)
+
+
+# the per-family entry point before cm.shrink (deprecated; ``n``: the older name of ``n_grads``)
+spectral_prune = renamed(n="n_grads")(deprecated(
+    _spectral_prune, "spectral_prune", "cm.shrink(model, data, fraction, method='spectral', n_grads=...)"))

@@ -280,7 +280,6 @@ def test_taylor_unit_product_is_the_derivative_of_the_loss_along_the_unit():
     model(x, labels=x).loss.backward()
     products = unit_products(model)
     model.zero_grad()
-    attn = model.model.layers[1].self_attn
     q_rows, kv_rows = torch.arange(16, 32), torch.arange(8, 16)  # group 1: query heads 2, 3 (head_dim 8)
     cases = {"model.layers.0.mlp.down_proj": (5, {"model.layers.0.mlp.gate_proj.weight": (0, 5),
                                                   "model.layers.0.mlp.up_proj.weight": (0, 5),

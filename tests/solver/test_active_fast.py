@@ -1,13 +1,11 @@
 """The active set's ``fast=True`` path (Alg 4 with less work per round): its pieces equal what they replace, and
 the whole keeps the properties of the default path (exact sparsity, monotone trace, near-optimal objective)."""
 
-import math
 
 import pytest
 import torch
 
 from chita_minimal.solver.active_set import _best_swap, _NearA, _warm_start, active_set
-from chita_minimal.solver.iht import hard_threshold
 from chita_minimal.solver.patterns import NM
 from chita_minimal.solver.problem import Problem, ridge_on_support
 from chita_minimal.solver.solve import solve

@@ -9,10 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+import chita_minimal as cm
 from chita_minimal.models import MLPNet, resnet20
 from chita_minimal.report import Report
 from chita_minimal.solver.problem import Problem, ridge_on_support
-from chita_minimal.structure.channels import (channel_groups, flops, group_chita_prune, group_iht, l1_scores, param_bytes, select, shrink, taylor2_scores, taylor_scores)
+from chita_minimal.structure.channels import (channel_groups, flops, group_chita, group_chita_prune, group_iht, l1_scores,
+                                              param_bytes, select, shrink, taylor2_scores, taylor_scores)
 
 from conftest import image_data, random_problem, randomise_bn
 
@@ -205,7 +207,7 @@ def test_group_iht_per_class_budgets_and_overlaps():
 
 def test_group_chita_prune_mlpnet_removes_whole_groups():
     model, data = MLPNet(), _data(32)
-    rep = group_chita_prune(model, data, 0.3, n_grads=16, l2=1e-2)
+    rep = group_chita(model, data, 0.3, n_grads=16, l2=1e-2)
     small = rep.model
     k1, k2 = int(rep.keep["fc1"].sum()), int(rep.keep["fc2"].sum())
     assert small.fc1.weight.shape == (k1, 784) and small.fc2.weight.shape == (k2, k1) and small.fc3.weight.shape == (10, k2)
@@ -223,9 +225,24 @@ def test_group_chita_prune_mlpnet_removes_whole_groups():
     assert rep.masks == {} and set(rep.seconds) == {"total"} and "fc1" in str(rep) and "objective" in str(rep)
 
 
+def test_group_chita_prune_is_a_deprecated_alias_and_shrink_returns_its_report():
+    """The old entry point warns and writes back as before; cm.shrink(method="group-chita") returns the same
+    StructuredReport (objective, bytes) with the same channels, and leaves the model given untouched."""
+    data = _data(32)
+    old_model, new_model = MLPNet(), MLPNet()
+    new_model.load_state_dict(old_model.state_dict())
+    before = {k: v.clone() for k, v in new_model.state_dict().items()}
+    with pytest.warns(DeprecationWarning, match=r"group_chita_prune\(...\) is deprecated.*method='group-chita'"):
+        old = group_chita_prune(old_model, data, 0.3, n_grads=16, l2=1e-2)
+    new = cm.shrink(new_model, data, 0.3, "group-chita", n_grads=16, l2=1e-2)
+    assert type(new).__name__ == "StructuredReport" and new.objective == old.objective
+    assert new.achieved == old.achieved and all(torch.equal(new.keep[k], old.keep[k]) for k in old.keep)
+    assert all(torch.equal(v, new_model.state_dict()[k]) for k, v in before.items())
+
+
 def test_group_chita_prune_resnet_small_equals_written_back_model():
     model, data = randomise_bn(resnet20()), _data(8, shape=(3, 32, 32))
-    rep = group_chita_prune(model, data, 0.4, n_grads=4, l2=1e-2, max_iter=5, swap_rounds=1)
+    rep = group_chita(model, data, 0.4, n_grads=4, l2=1e-2, max_iter=5, swap_rounds=1)
     small = rep.model
     model.eval(), small.eval()
     x = torch.randn(2, 3, 32, 32)
@@ -244,8 +261,8 @@ def test_bad_inputs():
         with pytest.raises(ValueError, match="fraction"):
             select(model, l1_scores(model), bad)
         with pytest.raises(ValueError, match="fraction"):
-            group_chita_prune(model, _data(), bad, n_grads=4)
-    for fn in (lambda m: shrink(m, {}), l1_scores, lambda m: group_chita_prune(m, _data(), 0.5, n_grads=4),
+            group_chita(model, _data(), bad, n_grads=4)
+    for fn in (lambda m: shrink(m, {}), l1_scores, lambda m: group_chita(m, _data(), 0.5, n_grads=4),
                lambda m: select(m, {}, 0.5)):
         with pytest.raises(TypeError, match="Linear"):
             fn(nn.Linear(3, 2))

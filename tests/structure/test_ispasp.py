@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from chita_minimal.report import Report
-from chita_minimal.structure.ispasp import ispasp_prune, recover, uniform_counts
+from chita_minimal.structure.ispasp import ispasp, ispasp_prune, recover, uniform_counts
 from chita_minimal.models import MLPNet, resnet20
 from chita_minimal.models.resnet_cifar import ResNetCifar
 from chita_minimal.structure.channels import FlopModel, channel_groups, flops
@@ -107,7 +107,7 @@ def test_budget_shared_ratio_and_measured_flops(fraction):
     model = resnet20()
     counts = uniform_counts(model, fraction)
     _next_removal_overshoots(model, counts, fraction, (3, 32, 32))
-    rep = ispasp_prune(model, _data(4, shape=(3, 32, 32)), fraction, n_samples=4, iterations=3, batch_size=4)
+    rep = ispasp(model, _data(4, shape=(3, 32, 32)), fraction, n_samples=4, iterations=3, batch_size=4)
     small = rep.model
     dense = flops(model, (3, 32, 32))
     assert isinstance(rep, Report) and rep.method == "ispasp" and rep.target == fraction and rep.masks == {}
@@ -116,6 +116,17 @@ def test_budget_shared_ratio_and_measured_flops(fraction):
     assert rep.flop_fraction <= fraction and fraction - rep.flop_fraction < 0.01
     assert {k: int(m.sum()) for k, m in rep.keep.items()} == counts
     assert small.layer3[1].conv1.weight.shape[0] == counts["layer3.1.conv1"] == small.layer3[1].conv2.weight.shape[1]
+
+
+def test_ispasp_prune_is_a_deprecated_alias_and_shrink_returns_its_report():
+    import chita_minimal as cm
+
+    model, data = MLPNet(), _data(16)
+    with pytest.warns(DeprecationWarning, match=r"ispasp_prune\(...\) is deprecated.*method='ispasp'"):
+        old = ispasp_prune(model, data, 0.4, n_samples=8, iterations=3)
+    new = cm.shrink(model, data, 0.4, "ispasp", n_samples=8, iterations=3)
+    assert type(new).__name__ == "ISpaSPReport" and new.final_residual == old.final_residual
+    assert new.achieved == old.achieved and all(torch.equal(new.keep[k], old.keep[k]) for k in old.keep)
 
 
 def test_budget_mlpnet():
@@ -135,7 +146,7 @@ def test_every_channel_kept_preserves_the_function():
     model, data = randomise_bn(ResNetCifar(1)).eval(), _data(8, shape=(3, 32, 32))
     assert uniform_counts(model, 1e-6) == {k: model.get_submodule(gr.producer).weight.shape[0]
                                            for k, gr in channel_groups(model).items()}
-    rep = ispasp_prune(model, data, 1e-6, n_samples=8)
+    rep = ispasp(model, data, 1e-6, n_samples=8)
     small = rep.model
     assert rep.flop_fraction == 0 and all(r < 1e-6 for r in rep.final_residual.values())
     x = torch.randn(3, 3, 32, 32)
@@ -146,9 +157,9 @@ def test_every_channel_kept_preserves_the_function():
 def test_refit_lowers_reconstruction_error_and_residuals_match_the_network():
     torch.manual_seed(0)
     model, data, n = MLPNet(), _data(48), 32
-    rep_r = ispasp_prune(model, data, 0.5, n_samples=n, refit=True, seed=1, batch_size=8)
+    rep_r = ispasp(model, data, 0.5, n_samples=n, refit=True, seed=1, batch_size=8)
     small_r = rep_r.model
-    rep_0 = ispasp_prune(model, data, 0.5, n_samples=n, refit=False, seed=1)
+    rep_0 = ispasp(model, data, 0.5, n_samples=n, refit=False, seed=1)
     small_0 = rep_0.model
     x = data.tensors[0][torch.randperm(48, generator=torch.Generator().manual_seed(1))[:n]].flatten(1)
     with torch.no_grad():
@@ -173,7 +184,7 @@ def test_refit_lowers_reconstruction_error_and_residuals_match_the_network():
 def test_small_model_equals_masked_model(refit):
     model, data = randomise_bn(ResNetCifar(1)).eval(), _data(8, shape=(3, 32, 32))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    rep = ispasp_prune(model, data, 0.4, n_samples=8, refit=refit, batch_size=3)
+    rep = ispasp(model, data, 0.4, n_samples=8, refit=refit, batch_size=3)
     small = rep.model
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # input untouched
     masked = copy.deepcopy(model)
@@ -203,18 +214,18 @@ def test_bad_inputs():
     model, data = MLPNet(), _data(8)
     for bad in (0.0, 1.0, 1.5, -0.1):
         with pytest.raises(ValueError, match="fraction"):
-            ispasp_prune(model, data, bad, n_samples=4)
+            ispasp(model, data, bad, n_samples=4)
     with pytest.raises(TypeError, match="fraction"):
-        ispasp_prune(model, data, "half", n_samples=4)
+        ispasp(model, data, "half", n_samples=4)
     with pytest.raises(ValueError, match="n_samples must"):
-        ispasp_prune(model, data, 0.5, n_samples=0)
+        ispasp(model, data, 0.5, n_samples=0)
     with pytest.raises(ValueError, match="n_samples = 9"):
-        ispasp_prune(model, data, 0.5, n_samples=9)
+        ispasp(model, data, 0.5, n_samples=9)
     with pytest.raises(TypeError, match="Linear"):
-        ispasp_prune(nn.Linear(3, 2), data, 0.5, n_samples=4)
+        ispasp(nn.Linear(3, 2), data, 0.5, n_samples=4)
     with pytest.raises(TypeError, match="refit"):
-        ispasp_prune(model, data, 0.5, n_samples=4, refit="yes")
+        ispasp(model, data, 0.5, n_samples=4, refit="yes")
     with pytest.raises(ValueError, match="iterations"):
-        ispasp_prune(model, data, 0.5, n_samples=4, iterations=-1)
+        ispasp(model, data, 0.5, n_samples=4, iterations=-1)
     with pytest.raises(ValueError, match="s must"):
         recover(torch.eye(3, dtype=F64), torch.ones(3, dtype=F64), 3.0, 4)

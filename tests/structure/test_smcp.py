@@ -20,7 +20,7 @@ from chita_minimal.network.measure import Latency
 from chita_minimal.models import MLPNet, resnet20
 from chita_minimal.models.resnet_cifar import ResNetCifar
 
-from conftest import randomise_bn
+from conftest import DepthwiseCNN, randomise_bn
 
 
 def _random_keep(model, seed, p=0.5):
@@ -269,12 +269,12 @@ def _spy(monkeypatch, model, opts=()):
     seen = []
     real = smcp.channel_masks
 
-    def masks(m, keep):
+    def masks(m, keep, groups=None):
         seen.append(({g: k.clone() for g, k in keep.items()},
                      {n: p.detach().clone() for n, p in model.named_parameters()}))
         if opts:
             opts.append({n: opts[0].state[p]["momentum_buffer"].clone() for n, p in model.named_parameters()})
-        return real(m, keep)
+        return real(m, keep, groups)
 
     monkeypatch.setattr(smcp, "channel_masks", masks)
     return seen
@@ -546,3 +546,77 @@ def test_bad_input():
         smcp.knapsack_keep({"a": torch.tensor([1.0, float("nan")])}, costs, 0.5)
     with pytest.raises(ValueError, match="keeps no channel"):
         smcp.ChannelGates(model, {"fc1": torch.zeros(40, dtype=torch.bool)})
+
+
+# -----------------------------------------------------------------------------
+# groups of several producers and consumers (a depthwise-separable CNN with a concatenation)
+
+
+def _dw_keep(groups, seed):
+    g = torch.Generator().manual_seed(seed)
+    keep = {}
+    for name, gr in groups.items():
+        m = torch.rand(gr.channels, generator=g) > 0.4
+        m[0] = True
+        keep[name] = m
+    return keep
+
+
+def test_flop_costs_of_a_depthwise_cnn_are_the_savings_of_one_channel():
+    model, x = DepthwiseCNN(), torch.zeros(1, 3, 16, 16)
+    costs = smcp.channel_costs(model, "flops", example_inputs=x)
+    groups = structured.channel_groups(model, x)
+    dense = structured.flops(model, (3, 16, 16))
+    # a channel of block 1's output: its pointwise filter (8 inputs at 8×8), block 2's depthwise filter of it (9 taps
+    # at 4×4, stride 2), and its columns in block 2's pointwise conv (16 outputs at 4×4) and the side conv (4 at 4×4)
+    assert costs["block1.3"] == 8 * 8 * 8 + 4 * 4 * 9 + 4 * 4 * 16 + 4 * 4 * 4
+    for g in groups:
+        one = {g: torch.arange(groups[g].channels) > 0}
+        assert structured.flops(structured.shrink(model, one, x), (3, 16, 16)) == dense - costs[g]
+    with pytest.raises(ValueError, match="cost='latency'.*use cost='flops'"):
+        smcp.channel_costs(model, "latency", example_inputs=x)
+
+
+def test_gates_of_a_depthwise_cnn_equal_the_shrunk_model_and_sum_over_every_consumer():
+    """Gates at every consumer through the index maps: the function of shrink(model, keep); with every channel
+    kept, ∂L/∂m_c = Σ over the consumers' columns of channel c of W·∂L/∂W (gating an input column is scaling it)."""
+    model, x, y = randomise_bn(DepthwiseCNN()), torch.randn(6, 3, 16, 16), torch.arange(6)
+    groups = structured.channel_groups(model, x[:1])
+    keep = _dw_keep(groups, 1)
+    small = structured.shrink(model, keep, x[:1])
+    model.eval(), small.eval()
+    with smcp.ChannelGates(model, keep, groups) as gates:
+        with torch.no_grad():
+            assert torch.allclose(model(x), small(x), atol=1e-5, rtol=0)
+        F.cross_entropy(model(x), y).backward()
+        for g, gr in groups.items():
+            for p in gr.producers:
+                rows = smcp._member_keep(gr, p, keep[g])
+                assert model.get_parameter(f"{p}.weight").grad[~rows].abs().sum() == 0  # unused
+            assert gates.grad[g][~keep[g]].abs().sum() > 0  # but scored
+    model.zero_grad()
+    with smcp.ChannelGates(model, {}, groups) as gates:
+        F.cross_entropy(model(x), y).backward()
+        for g, gr in groups.items():
+            ref = torch.zeros(gr.channels, dtype=torch.float64)
+            for q in gr.consumers:
+                W = model.get_parameter(f"{q}.weight")
+                per_column = (W * W.grad).transpose(0, 1).flatten(1).sum(1).double()
+                owner = gr.channel_of(q)
+                ref.index_add_(0, owner[owner >= 0], per_column[owner >= 0])
+            assert torch.allclose(gates.grad[g].double(), ref, rtol=1e-4, atol=1e-7), g
+
+
+def test_smcp_trains_a_depthwise_cnn_to_its_budget_and_the_small_model_computes_the_same():
+    torch.manual_seed(0)
+    model, x = randomise_bn(DepthwiseCNN()), torch.randn(48, 3, 16, 16)
+    data = TensorDataset(x, (x.mean((2, 3)) @ torch.randn(3, 10)).argmax(1))
+    res = smcp.smcp_train(model, data, 0.4, 2, lr=0.05, batch_size=16, update_every=1, freeze=1.0,
+                          example_inputs=x[:1])
+    dense = structured.flops(model, (3, 16, 16))
+    assert res.flops_pruned <= 0.6 * dense and res.achieved == 1 - res.flops_pruned / dense
+    assert any(not m.all() for m in res.keep.values())
+    model.eval(), res.model.eval()
+    with torch.no_grad():
+        out = res.model(x[:4])
+        assert out.shape == (4, 10) and torch.allclose(out, model(x[:4]), atol=1e-5, rtol=0)

@@ -1,6 +1,6 @@
 """Tests of Hessian-spectral-radius channel scores: Fisher radii against eigvalsh of explicit X_GᵀX_G/n,
 Hessian radii against eigvalsh of the explicit Hessian block, the upper bound on ½ w_Gᵀ H_GG w_G,
-the FLOP budget of spectral_prune, and bad arguments."""
+the FLOP budget of cm.shrink(method="spectral") and its deprecated alias spectral_prune, and bad arguments."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+import chita_minimal as cm
 from chita_minimal.network import fisher
 from chita_minimal.models import MLPNet
 from chita_minimal.models.resnet_cifar import ResNetCifar
@@ -119,11 +120,11 @@ def test_top_abs_eigenvalue_indefinite_operator():
 
 
 @pytest.mark.parametrize("fraction", [0.2, 0.5])
-def test_spectral_prune_meets_budget(fraction):
+def test_spectral_shrink_meets_budget(fraction):
     torch.manual_seed(0)
     model, data = MLPNet(), _data((1, 28, 28), m=16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    rep = spectral_prune(model, data, fraction, n_grads=8)
+    rep = cm.shrink(model, data, fraction, "spectral", n_grads=8)
     small, keep, achieved = rep.model, rep.keep, rep.achieved
     assert isinstance(rep, Report) and rep.method == "spectral" and rep.target == fraction and rep.masks == {}
     assert rep.flops_dense == 32360 and rep.flops_pruned == flops(small, (1, 28, 28))
@@ -154,4 +155,13 @@ def test_bad_args():
         spectral_scores(nn.Linear(3, 2), data, 4)
     for bad in (0.0, 1.0, 1.5):
         with pytest.raises(ValueError, match="fraction"):
-            spectral_prune(model, data, bad, n_grads=4)
+            cm.shrink(model, data, bad, "spectral", n_grads=4)
+
+
+def test_spectral_prune_is_a_deprecated_alias_of_shrink():
+    torch.manual_seed(0)
+    model, data = MLPNet(), _data((1, 28, 28), m=16)
+    with pytest.warns(DeprecationWarning, match=r"spectral_prune\(...\) is deprecated.*cm.shrink"):
+        old = spectral_prune(model, data, 0.3, n_grads=8)
+    new = cm.shrink(model, data, 0.3, "spectral", n_grads=8)
+    assert old.achieved == new.achieved and all(torch.equal(old.keep[k], new.keep[k]) for k in new.keep)

@@ -10,7 +10,7 @@ from torch import nn
 
 from chita_minimal.models import MLPNet, resnet20
 from chita_minimal.models.resnet_cifar import ResNetCifar
-from chita_minimal.structure.channels import (ChannelGroup, FlopModel, ResidualGroup, channel_groups, flops, group_chita_prune, l1_scores, param_bytes, select, shrink, taylor2_scores, taylor_scores)
+from chita_minimal.structure.channels import (ChannelGroup, FlopModel, ResidualGroup, channel_groups, flops, group_chita, l1_scores, param_bytes, select, shrink, taylor2_scores, taylor_scores)
 
 from conftest import image_data, randomise_bn
 
@@ -208,7 +208,7 @@ def test_taylor_scores_of_streams_equal_gate_derivative():
 
 def test_group_chita_prune_with_streams():
     model, data = randomise_bn(ResNetCifar(1)), _data()
-    rep = group_chita_prune(model, data, 0.4, n_grads=4, l2=1e-2, max_iter=3, swap_rounds=1, residual=True,
+    rep = group_chita(model, data, 0.4, n_grads=4, l2=1e-2, max_iter=3, swap_rounds=1, residual=True,
                              input_shape=(3, 16, 16))
     small = rep.model
     assert set(STREAMS) <= set(rep.keep) and any(not bool(rep.keep[s].all()) for s in STREAMS)
