@@ -232,10 +232,8 @@ def taylor_unit_scores(model: nn.Module, windows, *, batch_size: int = 1, device
     ids = stack_windows(windows)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     _, blocks = decoder_blocks(model)
-    wanted = {id(m.weight) for b in blocks for part in llama_parts(b) if part is not None
-              for m in part.modules() if isinstance(m, nn.Linear)}
-    wanted |= {id(m.bias) for b in blocks for part in llama_parts(b) if part is not None
-               for m in part.modules() if isinstance(m, nn.Linear) and m.bias is not None}
+    wanted = {id(p) for b in blocks for part in llama_parts(b) if part is not None
+              for m in part.modules() if isinstance(m, nn.Linear) for p in m.parameters()}
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     model.eval()

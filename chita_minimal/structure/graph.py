@@ -182,6 +182,13 @@ class ChannelGroup:
         out = torch.zeros(shape, dtype=values.dtype, device=values.device)
         return out.index_add_(dim, chan[inside], values.index_select(dim, torch.nonzero(inside).squeeze(1)))
 
+    def from_channels(self, name: str, values: torch.Tensor, fill) -> torch.Tensor:
+        """The inverse spread of :meth:`to_channels`: per-channel ``values`` (channels,) placed on member ``name``'s
+        pruned dimension (each index gets its channel's value, indices of no channel get ``fill``)."""
+        owner = self.channel_of(name).to(values.device)
+        return torch.where(owner >= 0, values[owner.clamp_min(0)], torch.full((), fill, dtype=values.dtype,
+                                                                            device=values.device))
+
 
 #: The old name of a residual stream's container: the same class (``residual`` is True for streams).
 ResidualGroup = ChannelGroup

@@ -304,9 +304,7 @@ def ispasp(model: nn.Module, dataset, fraction: float, *, n_samples: int = 64, i
             a = rec.coef if refit else rec.support.to(G.dtype)
             for consumer in gr.consumers:  # scale (or zero) the columns of every channel in every consumer
                 W = work.get_submodule(consumer).weight  # (out, in, ...)
-                owner = gr.channel_of(consumer).to(W.device)
-                factor = torch.where(owner >= 0, a.to(W)[owner.clamp_min(0)], torch.ones((), dtype=W.dtype,
-                                                                                         device=W.device))
+                factor = gr.from_channels(consumer, a.to(W), 1.0)
                 W.mul_(factor.view(1, -1, *[1] * (W.dim() - 2)))
             keep[name], scales[name] = rec.support.cpu(), a.cpu()
             residuals[name], final[name] = rec.residuals, relative_residual(G, b, yy, a)

@@ -82,11 +82,6 @@ def _groups(model, input_shape, example_inputs=None):
     return structured.channel_groups(model, example_inputs_for(model, example_inputs, input_shape))
 
 
-def _member_keep(gr, name: str, keep: torch.Tensor) -> torch.Tensor:
-    """Bool over member ``name``'s pruned dimension: False where the index carries a removed channel of ``gr``."""
-    owner = gr.channel_of(name)
-    return torch.where(owner >= 0, keep.to(owner.device)[owner.clamp_min(0)], torch.ones((), dtype=torch.bool))
-
 
 # -----------------------------------------------------------------------------
 # cost of one channel per group
@@ -309,19 +304,15 @@ class ChannelGates:
         keep = structured.check_keep(self.model, keep, groups=self.groups)
         ref = next(self.model.parameters())
         self.m = {g: m.to(device=ref.device, dtype=ref.dtype) for g, m in keep.items()}
-        self._columns = {(g, q): _member_keep(gr, q, keep[g]).to(device=ref.device, dtype=ref.dtype)
+        self._columns = {(g, q): gr.from_channels(q, self.m[g], 1.0)
                          for g, gr in self.groups.items() for q in gr.consumers}
 
     def _gate(self, g, q, x):
         y = x * self._columns[(g, q)].view(1, -1, *[1] * (x.dim() - 2))
         if y.requires_grad:
-            owner = self.groups[g].channel_of(q).to(x.device)
-            cols = (owner >= 0).nonzero().squeeze(1)
-
             def record(gy, x=x.detach()):
                 s = x * gy if x.dim() == 2 else (x * gy).flatten(2).sum(2)  # (N, in): γ / N per input column
-                term = torch.zeros(len(s), self.groups[g].channels, dtype=s.dtype, device=s.device)
-                term.index_add_(1, owner[cols], s[:, cols])  # the columns of each channel, summed
+                term = self.groups[g].to_channels(q, s, dim=1)  # the columns of each channel, summed
                 self._terms[g] = self._terms[g] + term if g in self._terms else term
             y.register_hook(record)
         return y
@@ -355,7 +346,7 @@ def channel_masks(model: nn.Module, keep: dict[str, torch.Tensor], groups=None) 
         if bool(keep[g].all()):
             continue
         for member, dim in [(p, 0) for p in gr.producers] + [(b, 0) for b in gr.bns] + [(q, 1) for q in gr.consumers]:
-            module, kept = model.get_submodule(member), _member_keep(gr, member, keep[g])
+            module, kept = model.get_submodule(member), gr.from_channels(member, keep[g], True)
             if dim == 1 or not isinstance(module, nn.modules.batchnorm._NormBase) or module.affine:
                 cut(f"{member}.weight", dim, kept)
             if dim == 0 and getattr(module, "bias", None) is not None:
