@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from chita_minimal.solver.threshold import kth_largest
 from chita_minimal.utils import check_int, check_number
 
 
@@ -71,7 +72,7 @@ def keep_mask(score: torch.Tensor, k: int | None = None, pattern: tuple[int, int
         return torch.ones(r, d, dtype=torch.bool, device=score.device)
     if k <= 0:
         return torch.zeros(r, d, dtype=torch.bool, device=score.device)
-    thr = torch.kthvalue(flat, n - k + 1).values  # the k-th largest score (a selection, not a sort)
+    thr = kth_largest(flat, k)  # the k-th largest score (a selection, not a sort)
     keep = flat > thr
     ties = (flat == thr).nonzero().squeeze(1)  # fill up to exactly k with the tied scores of lowest index
     keep[ties[:k - int(keep.sum())]] = True

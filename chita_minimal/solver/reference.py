@@ -7,6 +7,8 @@ engineering buys on the reader's own machine (``bench/speed.py``; the runtime ch
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 
@@ -14,6 +16,27 @@ def objective(X: np.ndarray, y: np.ndarray, w: np.ndarray, w_bar: np.ndarray, la
     """f(w) = ½‖y − Xw‖² + λ‖w − w̄‖² (problem (P), Eq. 4, with α = 0)."""
     r = y - X @ w
     return 0.5 * float(r @ r) + lam * float((w - w_bar) @ (w - w_bar))
+
+
+def brute_force(X: np.ndarray, w_bar: np.ndarray, k: int, l2: float) -> float:
+    """The optimum of (P) with α = 0 by enumeration: min over all C(p, k) supports S of f at the ridge solve on S,
+    (X_SᵀX_S + 2λI) w_S = X_Sᵀy + 2λw̄_S, each system solved directly (in batches). For p of a few dozen at most;
+    with l2 = 0 every k columns must be independent."""
+    n, p = X.shape
+    lam = l2 * n / 2.0
+    y = X @ w_bar
+    supports = np.array(list(itertools.combinations(range(p), k)))
+    best = np.inf
+    for S in np.array_split(supports, max(1, len(supports) // 4096)):
+        XS = X[:, S].transpose(1, 0, 2)  # (m, n, k)
+        A = XS.transpose(0, 2, 1) @ XS + 2 * lam * np.eye(k)
+        b = XS.transpose(0, 2, 1) @ y + 2 * lam * w_bar[S]
+        wS = np.linalg.solve(A, b[..., None])[..., 0]
+        r = y[None, :] - (XS @ wS[..., None])[..., 0]
+        outside = float(w_bar @ w_bar) - (w_bar[S] ** 2).sum(1)
+        f = 0.5 * (r * r).sum(1) + lam * (((wS - w_bar[S]) ** 2).sum(1) + outside)
+        best = min(best, float(f.min()))
+    return best
 
 
 def iht(X: np.ndarray, w_bar: np.ndarray, k: int, l2: float, *, tol: float = 1e-7, max_iter: int = 2000):

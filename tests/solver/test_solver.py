@@ -8,6 +8,7 @@ import torch
 
 from chita_minimal.solver.problem import Problem, num_kept, ridge_on_support
 from chita_minimal.solver.iht import hard_threshold
+from chita_minimal.solver.threshold import BAND_MIN, kth_largest
 from chita_minimal.solver.solve import solve
 from chita_minimal.solver.active_set import active_set
 from chita_minimal.solver.blocks import block_backsolve, make_blocks
@@ -59,6 +60,22 @@ def test_hard_threshold_ties_are_deterministic():
     assert mask.tolist() == [True, True, False, True, False, False]  # ties at |1|: lowest index wins
     assert hard_threshold(torch.ones(6), 4).tolist() == [True] * 4 + [False] * 2
     assert int(hard_threshold(torch.randn(1000), 137).sum()) == 137
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "constant", "sorted", "rows"])
+def test_kth_largest_is_the_exact_selection(kind):
+    """The banded selection (CPU, large inputs) returns exactly the k-th largest entry, also on inputs where the
+    strided sample misleads it (sorted data, repeated rows, many ties) and at the ends k = 1 and k = n."""
+    g = torch.Generator().manual_seed(0)
+    n = 3 * BAND_MIN + 17
+    a = {"normal": torch.randn(n, generator=g).abs(),
+         "ties": torch.randint(0, 7, (n,), generator=g).float(),
+         "constant": torch.full((n,), 2.5),
+         "sorted": torch.sort(torch.rand(n, generator=g)).values,
+         "rows": (torch.rand(1, 61, generator=g) * torch.rand(n // 61 + 1, 1, generator=g)).flatten()[:n]}[kind]
+    ordered = torch.sort(a, descending=True).values
+    for k in (1, 2, 61, n // 50, n // 3, n // 2, n - 1, n):
+        assert float(kth_largest(a, k)) == float(ordered[k - 1]), k
 
 
 # -- optimality ----------------------------------------------------------------------
