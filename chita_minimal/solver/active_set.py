@@ -102,7 +102,8 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
     rtol = _POWER_RTOL if fast else 0.0
     batch = fast and type(problem) is Problem  # the line search's trials in batches (Problem.matvecs)
     trace, iterations = [], 0
-    sub, idx, halving, skip_halving = None, None, 0, False
+    sub, idx, halving = None, None, 0
+    swapped_in = False  # fast: the last move was a swap that brought in a coordinate from outside A
     previous = None  # fast: (A, top singular vector of X_A) of the last restriction, the next L_A's warm start
     exact = False  # fast: w is the exact solve on its support, after a move inside A
     carried = (None, None)
@@ -119,7 +120,15 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
                 sub.lipschitz(start=_warm_start(previous, idx, sub), rtol=rtol)
                 previous = (idx, sub.power_vector)
             sub_pattern = None if pattern is None else pattern.restrict(idx)
-        from_exact = exact
+            if swapped_in:  # fast: A grew by a swap's coordinate: the exact solve on the swapped support, not IHT
+                mask_sub = w[idx] != 0
+                w_ridge = sub.ridge(mask_sub)
+                r_ridge = sub.residual(w_ridge)
+                refitted = (mask_sub, w_ridge, r_ridge, sub.objective(w_ridge, r_ridge))
+                if refitted[3] < trace[-1]:
+                    w, r, exact = _embed(w_ridge, idx, p), r_ridge, True
+                    trace.append(refitted[3])
+                swapped_in = False
         if exact:  # fast: w is the exact solve on its support (a refit after a move inside A); step 2's first
             w_sub, exact = w[idx], False  # trials would be support changes inside A, which step 3 tries too
         else:
@@ -144,32 +153,32 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
             full, r = problem, problem.residual(w)
         g = problem.gradient(w, r)
         tau = 2.0 / sub.lipschitz()
-        # fast: after a round in which no halving lowered f, the halvings are tried last, only when nothing else
-        # works (each trial is a pass over X when the step brings in many coordinates)
-        accepted = None if skip_halving else _halving_step(full, w, g, f, k, tau, max_halvings, tol, pattern, halving)
-        skip_halving = fast and accepted is None
-        if accepted is not None:
-            if fast:  # the next round starts one halving above the step that worked (not from 2/L_A again)
-                halving = max(0, accepted[4] - 1)
-            accepted = accepted[:4]
-        # fast: from an exact solve on its support, the line-search step gains next to nothing (the gradient
-        # vanishes on the support; measured: < 1e-7·f, against ~3e-5·f for the best swap, at a third of the cost),
-        # so the best swap is tried first there and the line search only when no swap pays
-        swap_first = fast and from_exact and accepted is None and swap_candidates > 0
-        if swap_first:
-            accepted = _best_swap(full, w, r, g, f, swap_candidates, tol, pattern, evaluate=False)
-        if accepted is None or not swap_first:
-            w_ls, mask_ls, r_ls, f_ls = line_search_step(full, w, r, f, k, tol, pattern=pattern, g=g,
-                                                         exact_changes=fast, batch_trials=batch)
-            if f_ls < f - tol * abs(f) and (accepted is None or f_ls < accepted[2]):
-                accepted = (w_ls, w_ls != 0, f_ls, r_ls)
-        if accepted is None and swap_candidates > 0 and not swap_first:
-            accepted = _best_swap(full, w, r, g, f, swap_candidates, tol, pattern, evaluate=not fast)
-        if accepted is None and skip_halving:
+        if fast:
+            # fast: the cheapest move first. Swaps, scored in closed form on a few columns (up to _FAST_SWAPS
+            # disjoint ones at once), move the support round after round once IHT has settled; the line search
+            # (several products with X) runs only when no swap pays, the halvings (a product per trial) last,
+            # from one halving above the step that worked the last time
+            accepted = None
+            if swap_candidates > 0:
+                accepted = _best_swap(full, w, r, g, f, swap_candidates, tol, pattern, evaluate=False,
+                                      moves=_FAST_SWAPS if batch else 1)
+            if accepted is None:
+                accepted = _line_search_move(full, w, r, f, k, tol, pattern, g, True, batch)
+            if accepted is None:
+                accepted = _halving_step(full, w, g, f, k, tau, max_halvings, tol, pattern, halving)
+                if accepted is not None:
+                    halving, accepted = max(0, accepted[4] - 1), accepted[:4]
+        else:
             accepted = _halving_step(full, w, g, f, k, tau, max_halvings, tol, pattern)
             accepted = None if accepted is None else accepted[:4]
+            searched = _line_search_move(full, w, r, f, k, tol, pattern, g, False, False)
+            if searched is not None and (accepted is None or searched[2] < accepted[2]):
+                accepted = searched
+            if accepted is None and swap_candidates > 0:
+                accepted = _best_swap(full, w, r, g, f, swap_candidates, tol, pattern)
         if accepted is None:
             break
+        moved = int(((w != 0) ^ accepted[1]).sum())
         w, mask, f_new, r = accepted  # r: the residual of w (None for a swap taken by its closed-form gain)
         inside = not bool((mask & ~active).any())
         if fast and inside and pattern is None:  # a swap or a step inside A: the exact solve on its support
@@ -186,9 +195,12 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
             f_new = full.objective(w, r)
         trace.append(f_new)
         iterations += 1
+        if fast and f - f_new <= _FAST_ROUND_TOL * abs(f):
+            break  # fast: a round that gains next to nothing ends the search (each costs a few passes)
         if inside:
             continue  # improvement inside A: IHT resumes from the new point, on the same X_A
         active |= mask
+        swapped_in = fast and pattern is None and moved <= 2 * _FAST_SWAPS
         carried = (idx, getattr(sub, "_support_gram", None))  # fast: the factorised refit system, kept for the next A
         sub = None
     support = support_of(w, k, pattern)
@@ -215,12 +227,23 @@ _FAST_REFIT = 15
 # fast=True, step 6: the exact swap search (:mod:`.local_search`) when one of its moves costs at most this many
 # bare passes, or this many multiply-adds (small problems, where a pass is nothing), with this many candidates
 _EXACT_PASSES, _EXACT_FLOPS, _EXACT_CANDIDATES = 2.0, 1e7, 8
+# fast=True: step 4 makes up to this many disjoint swaps at once when together they beat the best one
+_FAST_SWAPS = 8
+# fast=True: the search ends after a round that lowered f by less than this fraction (each round costs passes)
+_FAST_ROUND_TOL = 1e-5
 
 
 def _embed(v: torch.Tensor, idx: torch.Tensor, p: int) -> torch.Tensor:
     out = torch.zeros(p, dtype=v.dtype, device=v.device)
     out[idx] = v
     return out
+
+
+def _line_search_move(problem, w, r, f, k, tol, pattern, g, exact_changes: bool, batch_trials: bool):
+    """The line-search step of Alg 2 on the full problem, (w', mask, f', r') when it lowers f, else None."""
+    w_ls, _, r_ls, f_ls = line_search_step(problem, w, r, f, k, tol, pattern=pattern, g=g,
+                                           exact_changes=exact_changes, batch_trials=batch_trials)
+    return (w_ls, w_ls != 0, f_ls, r_ls) if f_ls < f - tol * abs(f) else None
 
 
 def _halving_step(problem, w, g, f, k, tau, max_halvings, tol, pattern, start: int = 0):
@@ -298,7 +321,8 @@ class _NearA:
         return self._problem.objective(w, self.residual(w) if r is None else r)
 
 
-def _best_swap(problem: Problem, w, r, g, f, m: int, tol: float, pattern=None, evaluate: bool = True):
+def _best_swap(problem: Problem, w, r, g, f, m: int, tol: float, pattern=None, evaluate: bool = True,
+               moves: int = 1):
     """Best swap i ∈ S → j ∉ S with the other weights fixed, in closed form.
 
     Removing i changes f by  c_i = rᵀX_i w_i + ½‖X_i‖²w_i² + λ(w̄_i² − (w_i − w̄_i)²) − α_i w_i;
@@ -308,7 +332,8 @@ def _best_swap(problem: Problem, w, r, g, f, m: int, tol: float, pattern=None, e
     the other weights fixed, the best one is refit exactly (the ridge solve of Alg 5 on the swapped
     support, one solve) and taken if that lowers f. Returns (w, support, f, r) or None, r the residual of w;
     f and r are None when ``evaluate=False`` and the swap is taken by its closed-form gain (the caller refits
-    it, or evaluates it: one product with X saved).
+    it, or evaluates it: one product with X saved). ``moves`` > 1 (a plain X, no pattern): up to that many
+    disjoint swaps of negative gain at once, taken when together they lower f (:func:`_several_swaps`).
     """
     S = torch.nonzero(w).squeeze(1)
     out = torch.nonzero(w == 0).squeeze(1)
@@ -343,6 +368,10 @@ def _best_swap(problem: Problem, w, r, g, f, m: int, tol: float, pattern=None, e
     change = float(gain.flatten()[best])
     if change >= -tol * abs(f) and (pattern is None or change == math.inf):
         return None
+    if moves > 1:
+        several = _several_swaps(problem, w, r, f, tol, gain, I, J, CI, CJ, a, b, moves)
+        if several is not None:
+            return several
     j, i = divmod(best, I.numel())
     w_new = w.clone()
     w_new[I[i]] = 0.0
@@ -354,3 +383,32 @@ def _best_swap(problem: Problem, w, r, g, f, m: int, tol: float, pattern=None, e
     r_new = problem.residual(w_new)
     f_new = problem.objective(w_new, r_new)
     return (w_new, w_new != 0, f_new, r_new) if f_new < f - tol * abs(f) else None
+
+
+def _several_swaps(problem, w, r, f, tol, gain, I, J, CI, CJ, a, b, moves):
+    """Up to ``moves`` disjoint swaps (i, j) of negative closed-form gain, best first, made together; their point
+    is evaluated exactly from the swapped columns alone (r' = r + X_I w_I − X_J t_J, no product with X), and
+    returned as (w', support, f', r') when it lowers f below the best single swap's estimate, else None."""
+    order = torch.argsort(gain.flatten())[:4 * moves].tolist()
+    used_i, used_j, pairs = set(), set(), []
+    for flat in order:
+        j, i = divmod(flat, I.numel())
+        if float(gain[j, i]) >= -tol * abs(f) or len(pairs) == moves:
+            break
+        if i not in used_i and j not in used_j:
+            used_i.add(i)
+            used_j.add(j)
+            pairs.append((j, i))
+    if len(pairs) < 2:
+        return None
+    js = torch.tensor([j for j, _ in pairs], device=w.device)
+    is_ = torch.tensor([i for _, i in pairs], device=w.device)
+    t = b[js, is_] / a[js]
+    w_new = w.clone()
+    w_new[I[is_]] = 0.0
+    w_new[J[js]] = t
+    r_new = r + CI[is_].T @ w[I[is_]] - CJ[js].T @ t
+    f_new = problem.objective(w_new, r_new)
+    if f_new < f + float(gain.min()) - tol * abs(f):
+        return w_new, w_new != 0, f_new, r_new
+    return None
