@@ -69,10 +69,11 @@ class Chita(ChitaSolve):
     refit: int | None = None
     fast: bool = False
     sync_free: bool = False
+    exact_search: bool = True
 
     def check(self):
         _check_iterations(self.max_iter, self.tol)
-        for name in ("fast", "sync_free"):
+        for name in ("fast", "sync_free", "exact_search"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.fast and self.sync_free:

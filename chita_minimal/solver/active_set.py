@@ -57,21 +57,25 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
     singular vector (in the first round from X_Aᵀ1, the summed per-sample gradients), to a relative change of
     1e-3, instead of 30 products from a random start; X_A kept while A does not grow; the residual of the round's
     point taken from X_A; every X·v of the full-space trials computed as X_A v_A plus the few columns outside A;
-    the halvings started one above the step that worked last round, and tried last after a round where none
-    worked. In the line searches, the residual of a thresholded candidate comes from the columns that entered or
-    left the support (``exact_changes``), and the candidates that swap many coordinates from one product with all
-    of them (``batch_trials``, :func:`chita_minimal.solver.iht._trial_steps`). Exact solves replace long runs of
-    small steps: ``refit=15`` unless given, a refit right after a swap of a few coordinates from a settled support
-    (``refit`` of :func:`chita_minimal.solver.iht.iht`), and after a move of step 3 or 4 that stays inside A (a
-    swap, typically) the exact solve on the new support, from which step 2 is skipped (its first trials are
-    support changes inside A, which step 3 tries too) and the best swap of step 4 is tried before step 3's line
-    search (which gains next to nothing from an exact solve, where the gradient vanishes on the support). The
-    refits keep the n×n system of the Woodbury solve factorised and correct it for the columns that entered and
-    left (:class:`chita_minimal.solver.gram.SupportGram`, carried over when A grows); the final polish reuses the
-    last refit. No product is spent twice: a swap accepted by its closed-form gain goes straight to its refit, and
-    the residual of a refit, a line-search step or a halving goes on into the next round's IHT (``r0``). The path
-    differs by rounding, by L_A and by the refits, so the result does too (measured on MLPNet, n = 1000, sparsity
-    0.5…0.98, l2 1e-3 and 0.1: objective 0.989–1.0009× the default's, 2–6× fewer bare passes, ``bench/speed.py``).
+    steps 3 and 4 cheapest first: the swaps (closed-form gains on a few columns; up to ``_FAST_SWAPS`` disjoint
+    swaps at once when together they lower f below the best single one), then the line search, then the halvings
+    (from one above the step that worked last) — once IHT has settled, a swap is what moves the support round
+    after round, and a failed full-space line search costs several passes. In the line searches, the residual of
+    a thresholded candidate comes from the columns that entered or left the support (``exact_changes``), and the
+    candidates that swap many coordinates from one product with all of them (``batch_trials``,
+    :func:`chita_minimal.solver.iht._trial_steps`). Exact solves replace long runs of small steps: ``refit=15``
+    unless given, a refit right after a swap of a few coordinates from a settled support (``refit`` of
+    :func:`chita_minimal.solver.iht.iht`), and after a move of step 3 or 4 the exact solve on the new support —
+    on X_A when the move stays inside A, on the grown X_A when a swap brought in columns from outside — from
+    which step 2 is skipped (its first trials would be the support changes that step 4 tries). The refits keep
+    the n×n system of the Woodbury solve factorised and correct it for the columns that entered and left
+    (:class:`chita_minimal.solver.gram.SupportGram`, carried over when A grows); the final polish reuses the last
+    refit. No product is spent twice: a swap accepted by its closed-form gain goes straight to its refit, and
+    the residual of a refit, a line-search step or a halving goes on into the next round's IHT (``r0``). A round
+    that lowers f by less than ``_FAST_ROUND_TOL``·f ends the search; then step 6. The path differs by rounding,
+    by L_A, by the refits and by the order of the moves, so the result does too (on MLPNet, n = 1000, sparsity
+    0.5…0.98, l2 1e-3 and 0.1: objective at most the default's at every point, 17–57 bare passes,
+    ``bench/speed.py``).
 
     ``sync_free``: step 2's IHT with the line search decided on the device (no host read per iteration;
     :mod:`chita_minimal.solver.iht_sync_free`), for GPUs; not with ``fast`` (whose refits read the support) or
