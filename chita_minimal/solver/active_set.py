@@ -74,7 +74,7 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
     the residual of a refit, a line-search step or a halving goes on into the next round's IHT (``r0``). A round
     that lowers f by less than ``_FAST_ROUND_TOL``·f ends the search; then step 6. The path differs by rounding,
     by L_A, by the refits and by the order of the moves, so the result does too (on MLPNet, n = 1000, sparsity
-    0.5…0.98, l2 1e-3 and 0.1: objective at most the default's at every point, 17–57 bare passes,
+    0.5…0.98, l2 1e-3 and 0.1: objective at most the default's at every point, 17–60 bare passes,
     ``bench/speed.py``).
 
     ``sync_free``: step 2's IHT with the line search decided on the device (no host read per iteration;
