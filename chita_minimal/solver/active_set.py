@@ -125,13 +125,11 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
                 previous = (idx, sub.power_vector)
             sub_pattern = None if pattern is None else pattern.restrict(idx)
             if swapped_in:  # fast: A grew by a swap's coordinate: the exact solve on the swapped support, not IHT
-                mask_sub = w[idx] != 0
-                w_ridge = sub.ridge(mask_sub)
-                r_ridge = sub.residual(w_ridge)
-                refitted = (mask_sub, w_ridge, r_ridge, sub.objective(w_ridge, r_ridge))
-                if refitted[3] < trace[-1]:
+                refitted = _refit(sub, w[idx] != 0)
+                _, w_ridge, r_ridge, f_ridge = refitted
+                if f_ridge < trace[-1]:
                     w, r, exact = _embed(w_ridge, idx, p), r_ridge, True
-                    trace.append(refitted[3])
+                    trace.append(f_ridge)
                 swapped_in = False
         if exact:  # fast: w is the exact solve on its support (a refit after a move inside A); step 2's first
             w_sub, exact = w[idx], False  # trials would be support changes inside A, which step 3 tries too
@@ -167,7 +165,8 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
                 accepted = _best_swap(full, w, r, g, f, swap_candidates, tol, pattern, evaluate=False,
                                       moves=_FAST_SWAPS if batch else 1)
             if accepted is None:
-                accepted = _line_search_move(full, w, r, f, k, tol, pattern, g, True, batch)
+                accepted = _line_search_move(full, w, r, f, k, tol, pattern, g, exact_changes=True,
+                                             batch_trials=batch)
             if accepted is None:
                 accepted = _halving_step(full, w, g, f, k, tau, max_halvings, tol, pattern, halving)
                 if accepted is not None:
@@ -175,21 +174,20 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
         else:
             accepted = _halving_step(full, w, g, f, k, tau, max_halvings, tol, pattern)
             accepted = None if accepted is None else accepted[:4]
-            searched = _line_search_move(full, w, r, f, k, tol, pattern, g, False, False)
+            searched = _line_search_move(full, w, r, f, k, tol, pattern, g, exact_changes=False,
+                                         batch_trials=False)
             if searched is not None and (accepted is None or searched[2] < accepted[2]):
                 accepted = searched
             if accepted is None and swap_candidates > 0:
                 accepted = _best_swap(full, w, r, g, f, swap_candidates, tol, pattern)
         if accepted is None:
             break
-        moved = int(((w != 0) ^ accepted[1]).sum())
+        moved = int(((w != 0) ^ accepted[1]).sum()) if fast else 0  # fast: coordinates the move changed
         w, mask, f_new, r = accepted  # r: the residual of w (None for a swap taken by its closed-form gain)
         inside = not bool((mask & ~active).any())
         if fast and inside and pattern is None:  # a swap or a step inside A: the exact solve on its support
             if refitted is None or not torch.equal(refitted[0], mask[idx]):  # (else: the same support as last time)
-                w_ridge = sub.ridge(mask[idx])  # (a few columns away from the last refit: cheap, SupportGram)
-                r_ridge = sub.residual(w_ridge)
-                refitted = (mask[idx], w_ridge, r_ridge, sub.objective(w_ridge, r_ridge))
+                refitted = _refit(sub, mask[idx])  # (a few columns away from the last refit: cheap, SupportGram)
             _, w_ridge, r_ridge, f_ridge = refitted
             # f_new None: a swap accepted by its closed-form gain, whose refit is the minimiser on the same support
             if f_new is None or f_ridge < f_new:
@@ -243,7 +241,14 @@ def _embed(v: torch.Tensor, idx: torch.Tensor, p: int) -> torch.Tensor:
     return out
 
 
-def _line_search_move(problem, w, r, f, k, tol, pattern, g, exact_changes: bool, batch_trials: bool):
+def _refit(sub: Problem, mask: torch.Tensor):
+    """The exact solve on the support ``mask`` of the restricted problem: (mask, w, r, f)."""
+    w = sub.ridge(mask)
+    r = sub.residual(w)
+    return mask, w, r, sub.objective(w, r)
+
+
+def _line_search_move(problem, w, r, f, k, tol, pattern, g, *, exact_changes: bool, batch_trials: bool):
     """The line-search step of Alg 2 on the full problem, (w', mask, f', r') when it lowers f, else None."""
     w_ls, _, r_ls, f_ls = line_search_step(problem, w, r, f, k, tol, pattern=pattern, g=g,
                                            exact_changes=exact_changes, batch_trials=batch_trials)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from chita_minimal.solver.threshold import kth_largest
+from chita_minimal.solver.threshold import top_k_mask
 from chita_minimal.utils import check_int, check_number
 
 
@@ -66,17 +66,7 @@ def keep_mask(score: torch.Tensor, k: int | None = None, pattern: tuple[int, int
         g = score.reshape(r, d // m, m)
         top = torch.sort(g, dim=2, descending=True, stable=True).indices[..., :n]
         return torch.zeros_like(g, dtype=torch.bool).scatter_(2, top, True).reshape(r, d)
-    flat = score.flatten()
-    n = flat.numel()
-    if k >= n:
-        return torch.ones(r, d, dtype=torch.bool, device=score.device)
-    if k <= 0:
-        return torch.zeros(r, d, dtype=torch.bool, device=score.device)
-    thr = kth_largest(flat, k)  # the k-th largest score (a selection, not a sort)
-    keep = flat > thr
-    ties = (flat == thr).nonzero().squeeze(1)  # fill up to exactly k with the tied scores of lowest index
-    keep[ties[:k - int(keep.sum())]] = True
-    return keep.view(r, d)
+    return top_k_mask(score.flatten(), k).view(r, d)  # a selection, not a sort
 
 
 def backsolve_rows(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, *, max_bytes: int = 2**28) -> torch.Tensor:

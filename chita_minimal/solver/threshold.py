@@ -41,22 +41,27 @@ def kth_largest(a: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(a, n - k + 1).values
 
 
-def hard_threshold(v: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the k largest |v_i| (H_k in the paper).
-
-    Ties at the k-th magnitude are broken deterministically: the lower index wins.
-    """
-    p = v.numel()
-    if k >= p:
-        return torch.ones_like(v, dtype=torch.bool)
-    a = v.abs()
-    kth = kth_largest(a, k)
-    mask = a > kth
+def top_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k largest entries of the 1-d ``score``; ties at the k-th value are broken
+    deterministically: the lower index wins."""
+    n = score.numel()
+    if k >= n:
+        return torch.ones_like(score, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    kth = kth_largest(score, k)
+    mask = score > kth
     need = k - int(mask.sum())
     if need > 0:
-        ties = torch.nonzero(a == kth).squeeze(1)[:need]
-        mask[ties] = True
+        mask[torch.nonzero(score == kth).squeeze(1)[:need]] = True
     return mask
+
+
+def hard_threshold(v: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k largest |v_i| (H_k in the paper); ties: the lower index wins."""
+    if k >= v.numel():
+        return torch.ones_like(v, dtype=torch.bool)
+    return top_k_mask(v.abs(), k)
 
 
 def project(u: torch.Tensor, k: int, pattern=None) -> tuple[torch.Tensor, torch.Tensor]:
