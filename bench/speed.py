@@ -5,24 +5,24 @@ first-order method does per iteration), measured in the same process just before
 written plainly in numpy in the same process, so that a reader can check the ratios on their own machine:
 
   active_set   MLPNet (shared checkpoint), n = 1000 per-sample gradients, fp32, l2 = 1e-3 and 0.1,
-               sparsity 0.5 … 0.98: the package's active set (Alg 4; rows active_set_fast: ``fast=True``) against
-               ``cm.solver.reference.iht`` (IHT with a
+               sparsity 0.5 … 0.98: the package's active set (Alg 4) against ``cm.solver.reference.iht`` (IHT with a
                backtracking line search on the step, the textbook form of Alg 3, same tolerance, ≤ 300 iterations)
   block        ResNet20 (shared checkpoint), n = 1000, blocks of 500 per layer, sparsity 0.7 / 0.8 / 0.9: the
-               block backsolve of Alg 6 on a fixed support (rows block_fast: ``fast=True``) against
+               block backsolve of Alg 6 on a fixed support (rows block_batched: the batched buckets it uses off
+               a CPU, forced here) against
                ``cm.solver.reference.block_backsolve`` (one ridge solve per block in a Python loop); rows
                block_gram_floor: only gathering each block's kept columns and forming their Gram (no solve)
   iteration    one line-search IHT iteration (MLPNet, ResNet20, sparsity 0.9) in bare passes: the sequential line
                search against the sync-free one (``iht(..., sync_free=True)``, no host read in the loop)
-  profile      where the active set's time goes at 0.9 (cProfile, cumulative; parts nest), in bare passes
-               (profile_fast: with ``fast=True``)
+  profile      where the active set's time goes at 0.9 and 0.98, l2 1e-3 and 0.1 (cProfile, cumulative; parts
+               nest), in bare passes
 
 Our solves are timed as the fastest of three runs (a 2-core VM's timings move by up to 2x within minutes), the
 references (10-100x longer runs) once, the bare pass as the median of seven.
 Columns: seconds (ours), passes (ours / bare pass), reference_seconds, speedup (reference / ours), objective
 and reference_objective (f of problem (P); lower is better). CSV: data/bench/speed.csv.
 Usage: python bench/speed.py [--device cuda] [--n 1000] [--quick]
-Threads: torch and numpy's BLAS (the references, and the symmetric Gram products of the fast path on a CPU) both
+Threads: torch and numpy's BLAS (the references, and the symmetric Gram products of the active set's refits on a CPU) both
 read OMP_NUM_THREADS; unset, it is set to 1 here so that both sides of every ratio use one thread.
 """
 
@@ -33,6 +33,7 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before numpy and torch load their thread pools
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -98,22 +99,20 @@ def main():
             k = cm.num_kept(s, lay.p)
             bare = cm.network.measure.bare_pass(X)
             ref, (w_ref, f_ref, it_ref) = seconds(lambda: cm.solver.reference.iht(Xn, wn, k, l2, max_iter=300))
-            for what, fast in (("active_set", False), ("active_set_fast", True)):
-                ours, res = seconds(lambda: cm.solve(X, w_bar, k, l2=l2, method="active", fast=fast), repeats=3)
-                emit(what=what, net="mlpnet", n=args.n, p=lay.p, sparsity=s, l2=l2, seconds=round(ours, 3),
-                     bare_pass=round(bare, 5), passes=round(ours / bare, 1), iterations=res.iterations,
-                     reference="numpy IHT + line search", reference_seconds=round(ref, 3),
-                     reference_iterations=it_ref, speedup=round(ref / ours, 2), objective=f"{res.objective:.6g}",
-                     reference_objective=f"{f_ref:.6g}")
+            ours, res = seconds(lambda: cm.solve(X, w_bar, k, l2=l2, method="active"), repeats=3)
+            emit(what="active_set", net="mlpnet", n=args.n, p=lay.p, sparsity=s, l2=l2, seconds=round(ours, 3),
+                 bare_pass=round(bare, 5), passes=round(ours / bare, 1), iterations=res.iterations,
+                 reference="numpy IHT + line search", reference_seconds=round(ref, 3),
+                 reference_iterations=it_ref, speedup=round(ref / ours, 2), objective=f"{res.objective:.6g}",
+                 reference_objective=f"{f_ref:.6g}")
 
     # -- where the active set's passes go ----------------------------------------------------------
-    k = cm.num_kept(0.9, lay.p)
     bare = cm.network.measure.bare_pass(X)
-    for what, fast in (("profile", False), ("profile_fast", True)):
-        res, total, parts = cm.network.measure.profile(cm.solve, X, w_bar, k, l2=1e-3, method="active", fast=fast,
-                                                       functions=PARTS)
+    for s, l2 in [(0.9, 1e-3), (0.98, 1e-3), (0.9, 0.1), (0.98, 0.1)]:
+        k = cm.num_kept(s, lay.p)
+        res, total, parts = cm.network.measure.profile(cm.solve, X, w_bar, k, l2=l2, method="active", functions=PARTS)
         for part, sec in parts.items():
-            emit(what=what, net="mlpnet", n=args.n, p=lay.p, sparsity=0.9, l2=1e-3, seconds=round(sec, 3),
+            emit(what="profile", net="mlpnet", n=args.n, p=lay.p, sparsity=s, l2=l2, seconds=round(sec, 3),
                  bare_pass=round(bare, 5), passes=round(sec / bare, 1), iterations=res.iterations,
                  reference=f"{part} ({100 * sec / total:.0f} % of {total:.2f} s profiled)")
     per_iteration("mlpnet", X, w_bar, lay, emit, args.n)
@@ -138,9 +137,9 @@ def main():
             return float(0.5 * cm.solver.blocks.block_matvecs(X, d, blocks).square().sum()
                          + l2 * args.n / 2 * d.square().sum())
 
-        for what, fast in (("block", False), ("block_fast", True)):
-            ours, w = seconds(lambda: cm.solver.blocks.block_backsolve(problem, k, blocks, support, fast=fast)[0],
-                              repeats=3)
+        for what, sliced in (("block", True), ("block_batched", False)):
+            with _slicing(sliced):
+                ours, w = seconds(lambda: cm.solver.blocks.block_backsolve(problem, k, blocks, support)[0], repeats=3)
             emit(what=what, net="resnet20", n=args.n, p=lay.p, sparsity=s, l2=l2, seconds=round(ours, 3),
                  bare_pass=round(bare, 5), passes=round(ours / bare, 1), iterations=1,
                  reference="numpy loop of per-block ridge solves", reference_seconds=round(ref, 3),
@@ -161,6 +160,20 @@ def main():
              reference="gather + syrk of every block's kept columns, no solve")
     per_iteration("resnet20", X, w_bar, lay, emit, args.n)
     write_table(rows, args.out, device.type)
+
+
+@contextlib.contextmanager
+def _slicing(sliced: bool):
+    """block_ridge as it runs on a CPU (contiguous blocks one slice of X at a time), or, ``sliced=False``, the
+    batched buckets it runs on other devices."""
+    blocks_mod = cm.solver.blocks
+    real = blocks_mod._sliceable
+    if not sliced:
+        blocks_mod._sliceable = lambda X: False
+    try:
+        yield
+    finally:
+        blocks_mod._sliceable = real
 
 
 def per_iteration(net, X, w_bar, lay, emit, n, iterations=40):

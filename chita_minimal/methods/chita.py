@@ -66,18 +66,15 @@ class Chita(ChitaSolve):
     max_halvings: int = 10
     swap_candidates: int = 50
     polish: bool = True
-    refit: int | None = None
-    fast: bool = False
+    refit: int | None = 15
     sync_free: bool = False
     exact_search: bool = True
 
     def check(self):
         _check_iterations(self.max_iter, self.tol)
-        for name in ("fast", "sync_free", "exact_search"):
+        for name in ("sync_free", "exact_search"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.fast and self.sync_free:
-            raise ValueError("fast=True and sync_free=True cannot be combined (fast's refits read the support)")
 
     def working_bytes(self, n, p, k, itemsize):
         # the active set's restricted copy of X (up to expand·k columns) on top of the ridge solve
@@ -86,7 +83,7 @@ class Chita(ChitaSolve):
     def solver_options(self, stage):
         return dict(expand=self.expand, max_rounds=self.max_rounds, max_iter=self.max_iter, tol=self.tol,
                     max_halvings=self.max_halvings, swap_candidates=self.swap_candidates, polish=self.polish,
-                    refit=self.refit, fast=self.fast, sync_free=self.sync_free)
+                    refit=self.refit, sync_free=self.sync_free, exact_search=self.exact_search)
 
 
 @register
@@ -132,29 +129,24 @@ class ChitaBSO(ChitaSolve):
 @dataclass
 class ChitaBlock(ChitaSolve):
     """Block CHITA (Alg 6): blocks of ``block_size`` weights inside each layer, one global support,
-    an exact ridge solve per block (the paper's choice for large networks). ``fast=True``: on a CPU, the blocks
-    solved one slice of X at a time (:func:`chita_minimal.solver.blocks.block_ridge`; same solves, other
-    rounding)."""
+    an exact ridge solve per block (the paper's choice for large networks)."""
 
     name = "chita-block"
     summary = "block backsolve: per-layer blocks, one global support, ridge solve per block (Alg 6)"
     solver = "block"
     block_size: int = 500
     partition: str = "fixed"
-    fast: bool = False
 
     def check(self):
         check_int("block_size", self.block_size)
         check_partition(self.partition)
-        if not isinstance(self.fast, bool):
-            raise TypeError(f"fast must be True or False, got {self.fast!r}")
 
     def working_bytes(self, n, p, k, itemsize):
         # one Gram of at most block_size² numbers per block, and the gathered kept columns
         return Method.working_bytes(self, n, p, k, itemsize) + (p * self.block_size + n * k) * itemsize
 
     def solver_options(self, stage):
-        return dict(blocks=layer_blocks(stage.layout, self.block_size, self.partition), fast=self.fast)
+        return dict(blocks=layer_blocks(stage.layout, self.block_size, self.partition))
 
     def prune_streamed(self, model, dataset, sparsity, settings, names):
         """The same block backsolve from streamed gradients, never holding X (when X would not fit):

@@ -135,13 +135,12 @@ class ShardedProblem(Problem):
         return f"ShardedProblem(rank {rank}/{world}, rows {self.n_local} of n={self.n}, p={self.p}, l2={self.l2:g})"
 
 
-def block_backsolve_sharded(problem: ShardedProblem, k: int, blocks, support: torch.Tensor | None = None, *,
-                            fast: bool = False):
+def block_backsolve_sharded(problem: ShardedProblem, k: int, blocks, support: torch.Tensor | None = None):
     """Alg 6 with row-sharded X: the blocks are dealt out to the ranks (block b to rank b mod W).
 
     Every rank sends its rows of the other ranks' block columns (one ``gather`` per rank, the
     volume of X moved once), solves its own blocks on all n rows with the batched
-    :func:`chita_minimal.solver.blocks.block_backsolve` (``fast`` passed on), and the solved blocks are combined by one
+    :func:`chita_minimal.solver.blocks.block_backsolve`, and the solved blocks are combined by one
     all-reduce of the p-vector (disjoint columns). Returns (w, support), the same on every rank.
     """
     rank, world = rank_and_world()
@@ -167,6 +166,6 @@ def block_backsolve_sharded(problem: ShardedProblem, k: int, blocks, support: to
         sizes = [len(b) for b in parts[rank::world]]
         alpha = None if problem.alpha is None else problem.alpha[cols]
         local = Problem(Xq, problem.w_bar[cols], problem.l2, alpha)
-        w[cols], _ = block_backsolve(local, 1, sizes, support=support[cols], fast=fast)
+        w[cols], _ = block_backsolve(local, 1, sizes, support=support[cols])
     dist.all_reduce(w)
     return w, support

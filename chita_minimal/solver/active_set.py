@@ -1,8 +1,9 @@
 """Active-set CHITA (the paper's Alg 4): run IHT on a small set of columns, then
-let a full-space IHT step bring in the coordinates that set missed.
+let a full-space step bring in the coordinates that set missed.
 
 Most of the time is spent on X_A (n × ~1.5k) instead of X (n × p), which is what
-makes CHITA fast at high sparsity.
+makes CHITA fast at high sparsity. The speed devices that make each round cheap are named where they act
+(``# device:`` comments); none changes what a round may accept — every accepted point lowers f.
 """
 
 from __future__ import annotations
@@ -20,77 +21,72 @@ from chita_minimal.solver.problem import Problem
 
 def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_rounds: int = 10, max_iter: int = 500,
                tol: float = 1e-7, max_halvings: int = 10, swap_candidates: int = 50, polish: bool = True,
-               pattern=None, refit: int | None = None, fast: bool = False, sync_free: bool = False,
-               exact_search: bool = True):
+               pattern=None, refit: int | None = 15, sync_free: bool = False, exact_search: bool = True):
     """Alg 4. Returns (w, support, trace, iterations).
 
     1. A = support of one IHT step from w̄, kept at ⌈expand·k⌉ coordinates.
     2. Solve (P) restricted to A by line-search IHT (Alg 2/3).
-    3. Full-space step w' = H_k(w − τ∇f(w)) with τ = 2/L_A, halved until f decreases
-       (≤ ``max_halvings``), or the line-search step of Alg 2 on all p coordinates,
-       whichever is lower; if f decreases, A ← A ∪ supp(w') and go to 2 (≤ ``max_rounds``).
-    4. If that step fails, local search: the best single swap (one kept weight out,
-       one pruned weight in, the new weight set optimally, among the
-       ``swap_candidates`` smallest kept and largest-gradient pruned coordinates);
-       if it lowers f, go to 2 with the new coordinate in A. ``swap_candidates=0``
-       turns it off. This is the swap move of local combinatorial search for best
-       subset selection (Hazimeh & Mazumder 2020), which lets IHT escape fixed points.
-    5. ``polish``: re-fit the weights on the final support by the exact ridge solve of
-       Alg 5 when that lowers f (it never raises it: it is the minimiser on the support).
-    6. ``fast=True`` with ``exact_search`` (on by default there): on a small support, the exact swap local
-       search of :mod:`chita_minimal.solver.local_search` — exchanges of one or two coordinates, each scored by
-       its exact refit, then four restarts from perturbed supports; taken when it lowers f. It runs only where one
-       of its moves costs at most two bare passes (or 10⁷ multiply-adds), so not on MLPNet's or ResNet20's
-       problems; on small problems with n < p it is what reaches the brute-force optimum (14 families of 20
-       instances, p = 14–16: 2–13 hits of 20 without it, 16–20 with it; the runtime chapter).
+    3. If that point can be improved from outside A, take the move and go to 2, with A ← A ∪ supp(w') when
+       the move left A (≤ ``max_rounds`` rounds). The moves, cheapest first:
+       a. local search — the best swap (one kept weight out, one pruned weight in, set optimally, among the
+          ``swap_candidates`` smallest kept and largest-gradient pruned coordinates; the swap move of local
+          combinatorial search for best subset selection, Hazimeh & Mazumder 2020, which lets IHT escape its
+          fixed points), or up to ``_SWAPS`` disjoint swaps at once when together they lower f below the best
+          one; ``swap_candidates=0`` turns it off;
+       b. the line-search step of Alg 2 on all p coordinates;
+       c. the full-space step w' = H_k(w − τ∇f(w)), τ = 2/L_A, halved until f decreases (≤ ``max_halvings``).
+       None lowers f, or a round lowers it by less than ``_ROUND_TOL``·f: stop.
+    4. ``polish``: the exact ridge solve of Alg 5 on the final support, when it lowers f (it never raises it:
+       it is the minimiser on the support).
+    5. ``exact_search``: on a small support, the exact swap local search of
+       :mod:`chita_minimal.solver.local_search` — exchanges of one or two coordinates, each scored by its exact
+       refit, then four restarts from perturbed supports; taken when it lowers f. It runs only where one of its
+       moves costs at most ``_EXACT_PASSES`` bare passes (or ``_EXACT_FLOPS`` multiply-adds), so not on MLPNet's
+       or ResNet20's problems; on small problems with n < p it is what reaches the brute-force optimum (14
+       families of 20 instances, p = 14–16: 2–13 hits of 20 without it, 16–20 with it; the runtime chapter).
 
     The trace holds f (of the full problem) after every iteration, non-increasing.
 
-    ``refit`` (the speed option of :func:`chita_minimal.solver.iht.iht`): in step 2, once the support
-    has not changed for ``refit`` iterations, jump to the exact solve on it. Off by default: it
-    gives the same result when IHT would only have converged on a fixed support (at low sparsity,
-    3–7× faster on MLPNet), but at high sparsity it changes the path IHT takes (objective within a
-    fraction of a percent, either way; see ``bench/speed.py``).
+    Speed devices (each marked ``# device:`` below). They change the path by rounding, by L_A, by the refits and
+    by the order of the moves, so the result differs from a plain run of steps 1–4; on MLPNet (n = 1000,
+    sparsity 0.5…0.98, l2 1e-3 and 0.1) the objective is at most the plain path's at every point, in 17–60 bare
+    passes instead of 66–251 (``bench/speed.py``).
 
-    ``fast=True`` (opt-in; the default keeps the iterates the book's chapters were computed with): the same
-    algorithm with less work per round — L_A by a power iteration warm-started from the previous round's top
-    singular vector (in the first round from X_Aᵀ1, the summed per-sample gradients), to a relative change of
-    1e-3, instead of 30 products from a random start; X_A kept while A does not grow; the residual of the round's
-    point taken from X_A; every X·v of the full-space trials computed as X_A v_A plus the few columns outside A;
-    steps 3 and 4 cheapest first: the swaps (closed-form gains on a few columns; up to ``_FAST_SWAPS`` disjoint
-    swaps at once when together they lower f below the best single one), then the line search, then the halvings
-    (from one above the step that worked last) — once IHT has settled, a swap is what moves the support round
-    after round, and a failed full-space line search costs several passes. In the line searches, the residual of
-    a thresholded candidate comes from the columns that entered or left the support (``exact_changes``), and the
-    candidates that swap many coordinates from one product with all of them (``batch_trials``,
-    :func:`chita_minimal.solver.iht._trial_steps`). Exact solves replace long runs of small steps: ``refit=15``
-    unless given, a refit right after a swap of a few coordinates from a settled support (``refit`` of
-    :func:`chita_minimal.solver.iht.iht`), and after a move of step 3 or 4 the exact solve on the new support —
-    on X_A when the move stays inside A, on the grown X_A when a swap brought in columns from outside — from
-    which step 2 is skipped (its first trials would be the support changes that step 4 tries). The refits keep
-    the n×n system of the Woodbury solve factorised and correct it for the columns that entered and left
-    (:class:`chita_minimal.solver.gram.SupportGram`, carried over when A grows); the final polish reuses the last
-    refit. No product is spent twice: a swap accepted by its closed-form gain goes straight to its refit, and
-    the residual of a refit, a line-search step or a halving goes on into the next round's IHT (``r0``). A round
-    that lowers f by less than ``_FAST_ROUND_TOL``·f ends the search; then step 6. The path differs by rounding,
-    by L_A, by the refits and by the order of the moves, so the result does too (on MLPNet, n = 1000, sparsity
-    0.5…0.98, l2 1e-3 and 0.1: objective at most the default's at every point, 17–60 bare passes,
-    ``bench/speed.py``).
+    - *Exact refits.* After a move of step 3 inside A, w jumps to the exact solve on its new support, and step 2
+      is skipped (its first trials would be the support changes step 3 tries); after a swap that brought in a
+      few columns from outside A, the same on the grown A. In step 2, ``refit``: once the support has not changed
+      for ``refit`` iterations, or right after a swap of a few coordinates from a settled support, the exact
+      solve on it (:func:`chita_minimal.solver.iht.iht`; None: never) — long runs of small steps on an
+      ill-conditioned support become one solve. The refits keep the n×n system of the Woodbury solve factorised
+      and correct it for the columns that entered and left (:class:`chita_minimal.solver.gram.SupportGram`,
+      carried over when A grows); the polish reuses the last refit.
+    - *L_A by a warm-started power iteration*: from the previous round's top singular vector (in the first
+      round from X_Aᵀ1, the summed per-sample gradients), to a relative change of ``_POWER_RTOL``.
+    - *Products near A*: X_A is kept while A does not grow; every X·v of step 3 is X_A v_A plus the few columns
+      outside A (:class:`_NearA`), and the gradient needs one Xᵀr on all p columns per round.
+    - *Carried residuals*: the residual of a refit, a line-search step or a halving goes on into the next
+      round's IHT; a swap accepted by its closed-form gain goes straight to its refit. In the line searches the
+      residual of a thresholded candidate comes from the columns that entered or left the support
+      (``exact_changes``), and the candidates that swap many coordinates from one product with all of them
+      (``batch_trials``, :func:`chita_minimal.solver.iht._trial_steps`).
+    - *The halvings of 3c* start one above the step that worked the last time.
 
     ``sync_free``: step 2's IHT with the line search decided on the device (no host read per iteration;
-    :mod:`chita_minimal.solver.iht_sync_free`), for GPUs; not with ``fast`` (whose refits read the support) or
-    a pattern.
+    :mod:`chita_minimal.solver.iht_sync_free`, without ``refit``), for GPUs; the few reads per round of steps 3–5
+    remain. Not with a pattern.
 
     With an N:M ``pattern`` (k = pattern.k or None) every group must keep N coordinates, so A
     cannot be a union of whole groups (that would be all of them): A holds ⌈expand·N⌉ (≤ M)
     coordinates of every group at the start and grows by coordinates; the restricted problem on A
     gets ``pattern.restrict(A)``, groups renumbered, some shorter than M. Thresholding, τ_c and
-    the support fill-up are those of the pattern, and the swap of step 4 stays within one group
+    the support fill-up are those of the pattern, and the swap of step 3a stays within one group
     (j among the ``swap_candidates`` largest pruned gradients, i among the kept weights of j's
     group); when no swap pays with the other weights fixed, the best one is refit by one exact
     ridge solve on its support and taken if f decreases. Every iterate is feasible and f still
-    never increases.
+    never increases. (The exact refits after a move are for global top-k.)
     """
+    if sync_free and pattern is not None:
+        raise ValueError("sync_free=True cannot be combined with an N:M pattern")
     p = problem.p
     u = first_step(problem)
     if pattern is None:
@@ -99,93 +95,67 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
         k = pattern.check_k(k)
         active = pattern.keep_top(u, min(pattern.m, math.ceil(expand * pattern.n)))
     w, _ = project(problem.w_bar * active, k, pattern)  # only w[A] is used below
-    if sync_free and (fast or pattern is not None):
-        raise ValueError("sync_free=True cannot be combined with fast=True or an N:M pattern")
-    if fast and refit is None:
-        refit = _FAST_REFIT
-    rtol = _POWER_RTOL if fast else 0.0
-    batch = fast and type(problem) is Problem  # the line search's trials in batches (Problem.matvecs)
+    batch = type(problem) is Problem  # device: the line search's trials in batches (Problem.matvecs)
     trace, iterations = [], 0
     sub, idx, halving = None, None, 0
-    swapped_in = False  # fast: the last move was a swap that brought in a coordinate from outside A
-    previous = None  # fast: (A, top singular vector of X_A) of the last restriction, the next L_A's warm start
-    exact = False  # fast: w is the exact solve on its support, after a move inside A
-    carried = (None, None)
-    r = None  # fast: the residual of w when a step below has it (saves a product with X_A)
+    swapped_in = False  # the last move was a swap that brought in columns from outside A
+    previous = None  # (A, top singular vector of X_A) of the last restriction: the next L_A's warm start
+    exact = False  # w is the exact solve on its support, after a move inside A
+    carried = (None, None)  # (A, its factorised refit system) when A grows
+    r = None  # the residual of w when a step below has it (saves a product with X_A)
     for _ in range(max_rounds):
         if sub is None:  # A is new (the first round, or it grew): restrict to it and estimate L_A
             idx = torch.nonzero(active).squeeze(1)
             sub = problem.restrict(idx)
-            sub.gram_updates = fast
-            refitted = None  # fast: (support on A, w, r, f) of the last refit on this X_A
-            if fast and carried[1] is not None:  # A grew by a few columns: its refits go on from the same factor
+            sub.gram_updates = True  # device: refits a few columns apart update one factorisation
+            refitted = None  # (support on A, w, r, f) of the last refit on this X_A
+            if carried[1] is not None:  # A grew by a few columns: its refits go on from the same factor
                 sub._support_gram = carried[1].moved(sub.X, torch.searchsorted(idx, carried[0]))
-            if fast and len(idx) < p:  # L_A warm-started from the last round's top singular vector
-                sub.lipschitz(start=_warm_start(previous, idx, sub), rtol=rtol)
+            if len(idx) < p:  # device: L_A warm-started from the last round's top singular vector
+                sub.lipschitz(start=_warm_start(previous, idx, sub), rtol=_POWER_RTOL)
                 previous = (idx, sub.power_vector)
             sub_pattern = None if pattern is None else pattern.restrict(idx)
-            if swapped_in:  # fast: A grew by a swap's coordinate: the exact solve on the swapped support, not IHT
+            if swapped_in:  # device: A grew by a swap's columns: the exact solve on the swapped support, not IHT
                 refitted = _refit(sub, w[idx] != 0)
                 _, w_ridge, r_ridge, f_ridge = refitted
                 if f_ridge < trace[-1]:
                     w, r, exact = _embed(w_ridge, idx, p), r_ridge, True
                     trace.append(f_ridge)
                 swapped_in = False
-        if exact:  # fast: w is the exact solve on its support (a refit after a move inside A); step 2's first
-            w_sub, exact = w[idx], False  # trials would be support changes inside A, which step 3 tries too
-        else:
+        # step 2 (skipped when w is the exact solve on its support, after a move inside A: IHT's first trials
+        # would be support changes inside A, which step 3 tries too)
+        if not exact:
             out = iht(sub, k, w[idx], line_search=True, max_iter=max_iter, tol=tol, pattern=sub_pattern,
-                      refit=refit, sync_free=sync_free, exact_changes=fast, batch_trials=batch,
-                      r0=r if fast else None, return_residual=fast)
-            w_sub, sub_trace, it = out[0], out[2], out[3]
-            r = out[4] if fast else None  # fast: w_sub's residual, carried on below
+                      refit=None if sync_free else refit, sync_free=sync_free, exact_changes=True,
+                      batch_trials=batch, r0=r, return_residual=True)
+            w_sub, sub_trace, it, r = out[0], out[2], out[3], out[4]
             iterations += it
             trace.extend(sub_trace if not trace else sub_trace[1:])
-            w = torch.zeros_like(w)
-            w[idx] = w_sub
+            w = _embed(w_sub, idx, p)
+        exact = False
         f = trace[-1]
         if len(idx) == p:
             break  # the active set is everything: nothing left to bring in
-        # try to enlarge the active set with a full-space IHT step: τ = 2/L_A, halved until f
-        # decreases, and the line-search step of Alg 2 on the full problem; the better one wins.
-        # fast: one Xᵀr on all p columns; every X·v below goes through X_A plus the few columns outside A.
-        if fast:  # w vanishes outside A: sub's residual (from step 2, or the refit) is the full problem's
-            full = _NearA(problem, sub, idx, active, rtol)
-        else:
-            full, r = problem, problem.residual(w)
+        # step 3. w vanishes outside A, so sub's residual is the full problem's; device: every X·v below goes
+        # through X_A plus the few columns outside A, and the gradient is one Xᵀr on all p columns
+        full = _NearA(problem, sub, idx, active)
         g = problem.gradient(w, r)
-        tau = 2.0 / sub.lipschitz()
-        if fast:
-            # fast: the cheapest move first. Swaps, scored in closed form on a few columns (up to _FAST_SWAPS
-            # disjoint ones at once), move the support round after round once IHT has settled; the line search
-            # (several products with X) runs only when no swap pays, the halvings (a product per trial) last,
-            # from one halving above the step that worked the last time
-            accepted = None
-            if swap_candidates > 0:
-                accepted = _best_swap(full, w, r, g, f, swap_candidates, tol, pattern, evaluate=False,
-                                      moves=_FAST_SWAPS if batch else 1)
-            if accepted is None:
-                accepted = _line_search_move(full, w, r, f, k, tol, pattern, g, exact_changes=True,
-                                             batch_trials=batch)
-            if accepted is None:
-                accepted = _halving_step(full, w, g, f, k, tau, max_halvings, tol, pattern, halving)
-                if accepted is not None:
-                    halving, accepted = max(0, accepted[4] - 1), accepted[:4]
-        else:
-            accepted = _halving_step(full, w, g, f, k, tau, max_halvings, tol, pattern)
-            accepted = None if accepted is None else accepted[:4]
-            searched = _line_search_move(full, w, r, f, k, tol, pattern, g, exact_changes=False,
-                                         batch_trials=False)
-            if searched is not None and (accepted is None or searched[2] < accepted[2]):
-                accepted = searched
-            if accepted is None and swap_candidates > 0:
-                accepted = _best_swap(full, w, r, g, f, swap_candidates, tol, pattern)
+        accepted = None
+        if swap_candidates > 0:  # 3a
+            accepted = _best_swap(full, w, r, g, f, swap_candidates, tol, pattern, evaluate=False,
+                                  moves=_SWAPS if batch else 1)
+        if accepted is None:  # 3b
+            accepted = _line_search_move(full, w, r, f, k, tol, pattern, g, batch_trials=batch)
+        if accepted is None:  # 3c, from one halving above the step that worked the last time
+            accepted = _halving_step(full, w, g, f, k, 2.0 / sub.lipschitz(), max_halvings, tol, pattern, halving)
+            if accepted is not None:
+                halving, accepted = max(0, accepted[4] - 1), accepted[:4]
         if accepted is None:
             break
-        moved = int(((w != 0) ^ accepted[1]).sum()) if fast else 0  # fast: coordinates the move changed
+        moved = int(((w != 0) ^ accepted[1]).sum())  # coordinates the move changed
         w, mask, f_new, r = accepted  # r: the residual of w (None for a swap taken by its closed-form gain)
         inside = not bool((mask & ~active).any())
-        if fast and inside and pattern is None:  # a swap or a step inside A: the exact solve on its support
+        if inside and pattern is None:  # device: a move inside A ends at the exact solve on its support
             if refitted is None or not torch.equal(refitted[0], mask[idx]):  # (else: the same support as last time)
                 refitted = _refit(sub, mask[idx])  # (a few columns away from the last refit: cheap, SupportGram)
             _, w_ridge, r_ridge, f_ridge = refitted
@@ -197,42 +167,41 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
             f_new = full.objective(w, r)
         trace.append(f_new)
         iterations += 1
-        if fast and f - f_new <= _FAST_ROUND_TOL * abs(f):
-            break  # fast: a round that gains next to nothing ends the search (each costs a few passes)
+        if f - f_new <= _ROUND_TOL * abs(f):
+            break  # a round that gains next to nothing ends the search (each costs a few passes)
         if inside:
             continue  # improvement inside A: IHT resumes from the new point, on the same X_A
         active |= mask
-        swapped_in = fast and pattern is None and moved <= 2 * _FAST_SWAPS
-        carried = (idx, getattr(sub, "_support_gram", None))  # fast: the factorised refit system, kept for the next A
+        swapped_in = pattern is None and moved <= 2 * _SWAPS
+        carried = (idx, getattr(sub, "_support_gram", None))
         sub = None
     support = support_of(w, k, pattern)
-    if polish:
-        # on X_A when the support lies in A (the same columns, no second gather): w_ridge[idx] = sub's solve
-        inside = fast and type(problem).ridge is Problem.ridge and sub is not None \
-            and not bool((support & ~active).any())
+    if polish:  # step 4, on X_A when the support lies in A (the same columns, no second gather)
+        inside = type(problem).ridge is Problem.ridge and sub is not None and not bool((support & ~active).any())
         w_ridge = _embed(sub.ridge(support[idx]), idx, p) if inside else problem.ridge(support)
         f_ridge = problem.objective(w_ridge)
         if f_ridge < trace[-1]:
             w = w_ridge
             trace.append(f_ridge)
-    if fast and exact_search and pattern is None and type(problem) is Problem and swap_candidates > 0 \
+    if exact_search and pattern is None and type(problem) is Problem and swap_candidates > 0 \
             and move_cost(problem, k, _EXACT_CANDIDATES) <= max(_EXACT_PASSES * 2 * problem.n * p, _EXACT_FLOPS):
-        w_ls, f_ls = exact_swaps(problem, w, k, candidates=_EXACT_CANDIDATES)  # step 6: exact local search
+        w_ls, f_ls = exact_swaps(problem, w, k, candidates=_EXACT_CANDIDATES)  # step 5
         if f_ls < trace[-1]:
             w, support = w_ls, w_ls != 0
             trace.append(f_ls)
     return w, support, trace, iterations
 
 
-# fast=True: the exact solve on a support unchanged for this many restricted IHT iterations (``refit``)
-_FAST_REFIT = 15
-# fast=True, step 6: the exact swap search (:mod:`.local_search`) when one of its moves costs at most this many
-# bare passes, or this many multiply-adds (small problems, where a pass is nothing), with this many candidates
+# step 5: the exact swap search (:mod:`.local_search`) when one of its moves costs at most this many bare passes,
+# or this many multiply-adds (small problems, where a pass is nothing), with this many candidates
 _EXACT_PASSES, _EXACT_FLOPS, _EXACT_CANDIDATES = 2.0, 1e7, 8
-# fast=True: step 4 makes up to this many disjoint swaps at once when together they beat the best one
-_FAST_SWAPS = 8
-# fast=True: the search ends after a round that lowered f by less than this fraction (each round costs passes)
-_FAST_ROUND_TOL = 1e-5
+# step 3a makes up to this many disjoint swaps at once when together they beat the best one
+_SWAPS = 8
+# the search ends after a round that lowered f by less than this fraction (each round costs passes)
+_ROUND_TOL = 1e-5
+# The power iteration for L_A stops when its estimate changes by less than this fraction; warm-started from
+# the previous round's top singular vector it needs a few products with X_A instead of 30.
+_POWER_RTOL = 1e-3
 
 
 def _embed(v: torch.Tensor, idx: torch.Tensor, p: int) -> torch.Tensor:
@@ -248,10 +217,10 @@ def _refit(sub: Problem, mask: torch.Tensor):
     return mask, w, r, sub.objective(w, r)
 
 
-def _line_search_move(problem, w, r, f, k, tol, pattern, g, *, exact_changes: bool, batch_trials: bool):
+def _line_search_move(problem, w, r, f, k, tol, pattern, g, *, batch_trials: bool):
     """The line-search step of Alg 2 on the full problem, (w', mask, f', r') when it lowers f, else None."""
-    w_ls, _, r_ls, f_ls = line_search_step(problem, w, r, f, k, tol, pattern=pattern, g=g,
-                                           exact_changes=exact_changes, batch_trials=batch_trials)
+    w_ls, _, r_ls, f_ls = line_search_step(problem, w, r, f, k, tol, pattern=pattern, g=g, exact_changes=True,
+                                           batch_trials=batch_trials)
     return (w_ls, w_ls != 0, f_ls, r_ls) if f_ls < f - tol * abs(f) else None
 
 
@@ -265,11 +234,6 @@ def _halving_step(problem, w, g, f, k, tau, max_halvings, tol, pattern, start: i
         if f_new < f - tol * abs(f):
             return w_new, mask, f_new, r_new, j
     return None
-
-
-# The power iteration for L_A stops when its estimate changes by less than this fraction; warm-started from
-# the previous round's top singular vector it needs a few products with X_A instead of 30.
-_POWER_RTOL = 1e-3
 
 
 def _warm_start(previous, idx: torch.Tensor, sub: Problem) -> torch.Tensor | None:
@@ -290,8 +254,8 @@ class _NearA:
     active set A (a step from a point supported on A): |A|/p of a pass plus a gather of the few columns
     outside A, instead of a pass over all p columns. Everything else is the full problem's."""
 
-    def __init__(self, problem: Problem, sub: Problem, idx: torch.Tensor, active: torch.Tensor, rtol: float):
-        self._problem, self._sub, self._idx, self._outside, self._rtol = problem, sub, idx, ~active, rtol
+    def __init__(self, problem: Problem, sub: Problem, idx: torch.Tensor, active: torch.Tensor):
+        self._problem, self._sub, self._idx, self._outside = problem, sub, idx, ~active
 
     def __getattr__(self, name):
         return getattr(self._problem, name)
@@ -315,15 +279,15 @@ class _NearA:
         return XW + self._problem.matvec_cols(out, W[:, out].T).T if out.numel() else XW
 
     def lipschitz(self):
-        """L of the full problem (the safe step 1/L of the line search's last resort). Fast path: for a dense X,
-        the upper bound ‖X‖_F² + 2λ (one read of X; 1/L stays a safe step), else the power iteration started
-        from X_A's top singular vector."""
+        """L of the full problem (the safe step 1/L of the line search's last resort): for a dense X, the upper
+        bound ‖X‖_F² + 2λ (one read of X; 1/L stays a safe step), else the power iteration started from X_A's
+        top singular vector."""
         problem = self._problem
-        if problem._lipschitz is None and self._rtol:
+        if problem._lipschitz is None:
             if type(problem) is Problem:
                 problem._lipschitz = float(torch.linalg.vector_norm(problem.X)) ** 2 + 2.0 * problem.lam
             else:
-                problem.lipschitz(start=_embed(self._sub.power_vector, self._idx, problem.p), rtol=self._rtol)
+                problem.lipschitz(start=_embed(self._sub.power_vector, self._idx, problem.p), rtol=_POWER_RTOL)
         return problem.lipschitz()
 
     def objective(self, w, r=None):

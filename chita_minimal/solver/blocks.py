@@ -358,7 +358,7 @@ def padded_width(s: torch.Tensor) -> torch.Tensor:
 
 
 def block_ridge(X: torch.Tensor, w_bar: torch.Tensor, parts: list[torch.Tensor], support: torch.Tensor,
-                l2: float = 0.0, alpha: torch.Tensor | None = None, *, fast: bool = False) -> torch.Tensor:
+                l2: float = 0.0, alpha: torch.Tensor | None = None) -> torch.Tensor:
     """Alg 6's solve on a fixed support: per block b, with S_b = the support's share of the block,
 
         min over w_b (zero off S_b)  ½‖X_b(w_b − w̄_b)‖² + λ‖w_b − w̄_b‖² + αᵀw_b ,   λ = l2·n/2,
@@ -369,18 +369,16 @@ def block_ridge(X: torch.Tensor, w_bar: torch.Tensor, parts: list[torch.Tensor],
     The work: r₀ for every block from one read of X (:func:`block_matvecs`); then the kept columns of the
     blocks, gathered straight from X into buckets of blocks of equal padded width (:func:`padded_width`;
     padding columns are zero), one batched Gram and one batched fp64 Cholesky per chunk of a bucket. Nothing
-    of size n·p is copied; memory is bounded by ``_SOLVE_NUMBERS`` per chunk.
-
-    ``fast=True`` (opt-in; the default keeps the rounding the book's chapters were computed with): on a CPU,
-    for per-layer blocks in fp32/fp64, the same solves one block at a time (:func:`_block_ridge_sliced`) —
-    1.4–2x faster there on ResNet20 (``bench/speed.py``); the two agree to rounding. Elsewhere it changes nothing.
+    of size n·p is copied; memory is bounded by ``_SOLVE_NUMBERS`` per chunk. On a CPU, for contiguous blocks
+    (per-layer blocks) in fp32/fp64, the same solves one block at a time instead (:func:`_block_ridge_sliced`),
+    1.4–2x faster there on ResNet20 (``bench/speed.py``); the two agree to rounding.
     """
     n, p = X.shape
     dev = X.device
     lam2 = float(l2) * n  # 2λ
     parts = [b.to(dev) for b in parts]
     support = support.to(dev)
-    if fast and _sliceable(X):
+    if _sliceable(X):
         spans = contiguous_spans(parts)
         if spans is not None:
             return _block_ridge_sliced(X, w_bar, spans, support, lam2, alpha)
@@ -513,9 +511,8 @@ def _solve_similar(systems: list, wb: np.ndarray, w: np.ndarray) -> None:
         i = j
 
 
-def block_backsolve(problem: Problem, k: int, blocks, support: torch.Tensor | None = None, *, fast: bool = False):
-    """Alg 6: global support (one thresholding step), then a ridge solve per block (:func:`block_ridge`, whose
-    ``fast`` option this passes on).
+def block_backsolve(problem: Problem, k: int, blocks, support: torch.Tensor | None = None):
+    """Alg 6: global support (one thresholding step), then a ridge solve per block (:func:`block_ridge`).
 
     Block b solves min ½‖X_b(w_b − w̄_b)‖² + λ‖w_b − w̄_b‖² + α_bᵀw_b on its share of
     the support: the cross-block terms of XᵀX are dropped. With one block this is
@@ -523,8 +520,7 @@ def block_backsolve(problem: Problem, k: int, blocks, support: torch.Tensor | No
     """
     if support is None:
         support = first_step_support(problem, k)
-    w = block_ridge(problem.X, problem.w_bar, make_blocks(problem.p, blocks), support, problem.l2, problem.alpha,
-                    fast=fast)
+    w = block_ridge(problem.X, problem.w_bar, make_blocks(problem.p, blocks), support, problem.l2, problem.alpha)
     return w, support
 
 

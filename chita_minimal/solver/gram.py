@@ -1,5 +1,5 @@
 """The n×n system of the Woodbury ridge solve, A = X_S X_Sᵀ + 2λI, kept factorised while the support S changes
-a few columns at a time (the refits of the active set's fast path, Alg 4 with Alg 5's exact solve).
+a few columns at a time (the refits of the active set, Alg 4 with Alg 5's exact solve).
 
 Forming A costs n²|S| flops and factorising it n³/3; a refit after a swap changes A by two rank-one terms. So
 A is factorised once for a base support S₀ (A₀ = L Lᵀ) and a later support S = S₀ + (in) − (out) is solved with

@@ -46,43 +46,47 @@ def test_operator_is_the_block_diagonal_matrix(blocks):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("blocks", SPECS)
 @pytest.mark.parametrize("with_alpha", [False, True])
-@pytest.mark.parametrize("fast", [False, True])
-def test_batched_and_looped_block_backsolve_agree(dtype, blocks, with_alpha, fast):
+@pytest.mark.parametrize("sliced", [False, True])
+def test_batched_and_looped_block_backsolve_agree(dtype, blocks, with_alpha, sliced, monkeypatch):
+    _slicing(monkeypatch, sliced)
     X, w_bar = random_problem(n=12, p=40, seed=2, dtype=dtype)
     alpha = 0.1 * torch.randn(40, dtype=dtype) if with_alpha else None
     problem = Problem(X, w_bar, 0.2, alpha)
     for k in [3, 17, 33]:
-        w1, s1 = block_backsolve(problem, k, blocks, fast=fast)
+        w1, s1 = block_backsolve(problem, k, blocks)
         w2, s2 = block_backsolve_looped(problem, k, blocks)
         assert torch.equal(s1, s2) and int((w1 != 0).sum()) <= k
         tol = 1e-10 if dtype == torch.float64 else 1e-4
         torch.testing.assert_close(w1, w2, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("fast", [False, True])
-def test_batched_block_backsolve_woodbury_and_singular_paths(fast):
+@pytest.mark.parametrize("sliced", [False, True])
+def test_batched_block_backsolve_woodbury_and_singular_paths(sliced, monkeypatch):
+    _slicing(monkeypatch, sliced)
     X, w_bar = random_problem(n=6, p=40, seed=3)  # blocks of 20 > n = 6: the n×n Woodbury form
     problem = Problem(X, w_bar, 0.5)
     support = torch.zeros(40, dtype=torch.bool)
     support[::2] = True
-    torch.testing.assert_close(block_backsolve(problem, 20, 20, support, fast=fast)[0],
+    torch.testing.assert_close(block_backsolve(problem, 20, 20, support)[0],
                                block_backsolve_looped(problem, 20, 20, support)[0])
     singular = Problem(X, w_bar, 0.0)  # λ = 0 and 10 columns on 6 rows per block: minimum-norm least squares
-    torch.testing.assert_close(block_backsolve(singular, 20, 20, support, fast=fast)[0],
+    torch.testing.assert_close(block_backsolve(singular, 20, 20, support)[0],
                                block_backsolve_looped(singular, 20, 20, support)[0])
 
 
 @pytest.mark.parametrize("n", [10, 80])  # n = 10: wide blocks take the n×n Woodbury form
 @pytest.mark.parametrize("with_alpha", [False, True])
 @pytest.mark.parametrize("spec", ["sizes", "int", "index"])
-@pytest.mark.parametrize("fast", [False, True])
-def test_block_backsolve_equals_the_looped_reference_across_buckets_and_chunks(n, with_alpha, spec, fast, monkeypatch):
+@pytest.mark.parametrize("sliced", [False, True])
+def test_block_backsolve_equals_the_looped_reference_across_buckets_and_chunks(n, with_alpha, spec, sliced, monkeypatch):
     """Blocks keeping 0…120 columns (many padded widths, several buckets), chunked solves: 1e-10 in fp64.
-    With ``fast``, contiguous blocks ("sizes", "int") are solved one slice at a time, and counted."""
+    On a CPU contiguous blocks ("sizes", "int") are solved one slice at a time (counted); ``sliced=False``: the
+    batched buckets of every other device."""
     import chita_minimal.solver.blocks as blocks_mod
-    sliced = []
+    _slicing(monkeypatch, sliced)
+    slices = []
     real = blocks_mod._block_ridge_sliced
-    monkeypatch.setattr(blocks_mod, "_block_ridge_sliced", lambda *a: sliced.append(1) or real(*a))
+    monkeypatch.setattr(blocks_mod, "_block_ridge_sliced", lambda *a: slices.append(1) or real(*a))
     gen = torch.Generator().manual_seed(4)
     sizes = [50, 120, 7, 64, 1, 33, 90, 35]
     p = sum(sizes)
@@ -95,11 +99,19 @@ def test_block_backsolve_equals_the_looped_reference_across_buckets_and_chunks(n
     monkeypatch.setattr(blocks_mod, "_SOLVE_NUMBERS", 3 * 16 * max(16, n))  # a few blocks per chunk
     for l2 in [0.05, 1.0]:
         problem = Problem(X, w_bar, l2, alpha)
-        w1, _ = block_backsolve(problem, None, blocks, support, fast=fast)
+        w1, _ = block_backsolve(problem, None, blocks, support)
         w2, _ = block_backsolve_looped(problem, None, blocks, support)
         assert not bool(w1[~support].any())
         torch.testing.assert_close(w1, w2, atol=1e-10, rtol=1e-10)
-    assert len(sliced) == (2 if fast and spec != "index" else 0)
+    assert len(slices) == (2 if sliced and spec != "index" else 0)
+
+
+def _slicing(monkeypatch, sliced: bool):
+    """On a CPU block_ridge solves contiguous blocks one slice at a time; ``sliced=False`` takes the batched path
+    of the other devices instead."""
+    if not sliced:
+        import chita_minimal.solver.blocks as blocks_mod
+        monkeypatch.setattr(blocks_mod, "_sliceable", lambda X: False)
 
 
 def test_padded_width_bounds_the_padding():
@@ -113,13 +125,22 @@ def test_padded_width_bounds_the_padding():
 
 @pytest.mark.parametrize("seed", range(12))
 def test_block_iht_with_one_block_equals_the_active_set(seed):
+    """The same Alg 4 on the same problem. The active set gives a plain dense Problem a few more devices (batched
+    trial steps, several swaps at once, the Frobenius bound for L, the exact search of step 5); on a subclass of
+    Problem, as on the block-diagonal problem, it runs without them: there the two agree to rounding."""
+    from chita_minimal.solver.active_set import active_set
+
+    class Operator(Problem):  # the same problem, seen by the active set as a general operator
+        pass
+
     X, w_bar = random_problem(n=25, p=60, seed=seed)
     k = 5 + 4 * seed
-    full = solve(X, w_bar, k, l2=0.05, method="active")
+    problem = Operator(X, w_bar, 0.05)
+    w, support, _, _ = active_set(problem, k)
     block = solve(X, w_bar, k, l2=0.05, method="block-iht", blocks=60)
-    assert torch.equal(full.support, block.support)
-    torch.testing.assert_close(block.w, full.w, atol=1e-9, rtol=1e-9)
-    assert block.objective == pytest.approx(full.objective, rel=1e-9)
+    assert torch.equal(support, block.support)
+    torch.testing.assert_close(block.w, w, atol=1e-9, rtol=1e-9)
+    assert block.objective == pytest.approx(problem.objective(w), rel=1e-9)
 
 
 @pytest.mark.parametrize("blocks", SPECS)

@@ -8,6 +8,7 @@ import torch
 from chita_minimal.solver.iht import hard_threshold, iht, line_search_step, project
 from chita_minimal.solver.iht_sync_free import batched_hard_threshold, iht_sync_free, line_search_step_sync_free
 from chita_minimal.solver.problem import Problem
+from chita_minimal.solver.patterns import NM
 from conftest import random_problem
 
 
@@ -96,15 +97,15 @@ def test_solve_takes_sync_free_for_iht_and_the_active_set_and_refuses_what_it_ca
     from chita_minimal.solver.solve import solve
 
     X, w_bar = random_problem(n=30, p=90, seed=3)
-    for method in ("iht", "active"):
-        plain = solve(X, w_bar, 20, l2=0.05, method=method)
+    for method in ("iht", "active"):  # the active set's step 2 on the device: its IHT without refits
+        plain = solve(X, w_bar, 20, l2=0.05, method=method, **({"refit": None} if method == "active" else {}))
         free = solve(X, w_bar, 20, l2=0.05, method=method, sync_free=True)
         assert torch.equal(free.support, plain.support), method
         assert free.objective == pytest.approx(plain.objective, rel=1e-6)
     with pytest.raises(ValueError, match="sync_free"):
         solve(X, w_bar, 20, l2=0.05, method="iht", sync_free=True, refit=3)
     with pytest.raises(ValueError, match="sync_free"):
-        solve(X, w_bar, 20, l2=0.05, method="active", sync_free=True, fast=True)
+        solve(X[:, :88], w_bar[:88], None, l2=0.05, method="active", sync_free=True, pattern=NM(2, 4, torch.arange(88).view(-1, 4)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available on this machine")

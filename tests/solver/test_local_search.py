@@ -1,4 +1,4 @@
-"""The exact swap local search (step 6 of the fast active set): brute-force optimality on small n < p problems,
+"""The exact swap local search (step 5 of the active set): brute-force optimality on small n < p problems,
 never worse than where it starts, its value formula, and its cost gate on large problems."""
 
 import pytest
@@ -12,21 +12,21 @@ from chita_minimal.solver.solve import solve
 from conftest import random_problem
 
 
-# (correlation, n/p, l2) → brute-force hits of 20 measured with the fast active set: before step 6 / with it
+# (correlation, n/p, l2) → brute-force hits of 20 measured with the active set: before step 5 / with it
 FAMILIES = {(0.3, 0.5, 1e-4): (4, 16), (0.6, 0.25, 1e-3): (2, 20), (0.6, 1.5, 0.0): (8, 18)}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_fast_active_set_reaches_the_brute_force_optimum_on_small_underdetermined_problems(family):
+def test_active_set_reaches_the_brute_force_optimum_on_small_underdetermined_problems(family):
     """20 instances per family (p = 14–16, k = 3–6, fixed seeds). Measured for all 14 families of the runtime
-    chapter: without the exact search (``exact_search=False``) the fast active set hit 2–13 of 20, with it 16–20."""
+    chapter: without the exact search (``exact_search=False``) the active set hit 2–13 of 20, with it 16–20."""
     correlation, ratio, l2 = family
     hits = 0
     for seed in range(20):
         p, k = 14 + seed % 3, 3 + seed % 4
         X, w_bar = random_problem(n=max(2, int(ratio * p)), p=p, seed=1000 + seed, correlation=correlation)
         best = brute_force(X.numpy(), w_bar.numpy(), k, l2)
-        res = solve(X, w_bar, k, l2=l2, method="active", fast=True)
+        res = solve(X, w_bar, k, l2=l2, method="active")
         assert res.nnz <= k
         hits += res.objective <= best * (1 + 1e-9) + 1e-12
     assert hits >= FAMILIES[family][1] - 1
@@ -63,7 +63,7 @@ def test_the_value_of_a_support_gives_the_objective_of_its_refit():
 
 
 def test_the_exact_search_is_skipped_where_a_move_costs_more_than_its_budget(monkeypatch):
-    """A problem whose support Gram costs more than two bare passes per move: step 6 does not run."""
+    """A problem whose support Gram costs more than two bare passes per move: step 5 does not run."""
     X, w_bar = random_problem(n=20, p=400, seed=0, correlation=0.0)
     k = 300
     assert move_cost(Problem(X, w_bar), k, 8) > max(2 * 2 * 20 * 400, 1e7)
@@ -72,5 +72,5 @@ def test_the_exact_search_is_skipped_where_a_move_costs_more_than_its_budget(mon
         raise AssertionError("the exact search ran")
 
     monkeypatch.setattr(active_set_module, "exact_swaps", refuse)
-    res = solve(X, w_bar, k, l2=1e-3, method="active", fast=True)
+    res = solve(X, w_bar, k, l2=1e-3, method="active")
     assert res.nnz <= k

@@ -1,16 +1,17 @@
-"""The active set's ``fast=True`` path (Alg 4 with less work per round): its pieces equal what they replace, and
-the whole keeps the properties of the default path (exact sparsity, monotone trace, near-optimal objective)."""
+"""The active set's speed devices (Alg 4 with little work per round): each piece equals what it replaces, and the
+whole keeps Alg 4's properties (exact sparsity, a monotone trace, N:M feasibility) while it multiplies by all of X
+far less often than line-search IHT. Its optimality against brute force: test_solver and test_local_search."""
 
 
 import pytest
 import torch
 
 from chita_minimal.solver.active_set import _best_swap, _NearA, _warm_start, active_set
+from chita_minimal.solver.iht import iht
 from chita_minimal.solver.patterns import NM
 from chita_minimal.solver.problem import Problem, ridge_on_support
 from chita_minimal.solver.solve import solve
 from conftest import random_problem
-from test_solver import brute_force
 
 
 def _mask(p, idx):
@@ -21,7 +22,7 @@ def _mask(p, idx):
 
 @pytest.mark.parametrize("with_alpha", [False, True])
 def test_gram_updates_give_the_direct_ridge_solve_on_every_support(with_alpha):
-    """A sequence of supports, each a few columns away from the last (the refits of the fast path) and one far
+    """A sequence of supports, each a few columns away from the last (the active set's refits) and one far
     away (a fresh Gram): every solve equals the direct one to 1e-10 in fp64."""
     n, p = 20, 60
     X, w_bar = random_problem(n=n, p=p, seed=4)
@@ -98,7 +99,7 @@ def test_products_near_the_active_set_equal_the_full_products():
     problem = Problem(X, w_bar, 0.1)
     active = _mask(200, range(0, 150))
     idx = torch.nonzero(active).squeeze(1)
-    near = _NearA(problem, problem.restrict(idx), idx, active, 1e-3)
+    near = _NearA(problem, problem.restrict(idx), idx, active)
     g = torch.Generator().manual_seed(1)
     for outside in (0, 2, 40):  # no column outside A, a few (gathered), many (a full product)
         v = torch.where(active, torch.randn(200, generator=g, dtype=torch.float64), torch.zeros(200, dtype=torch.float64))
@@ -109,69 +110,55 @@ def test_products_near_the_active_set_equal_the_full_products():
 
 @pytest.mark.parametrize("k", [1, 5, 17, 40])
 @pytest.mark.parametrize("l2", [0.0, 1e-3, 0.1])
-def test_fast_path_keeps_exact_sparsity_and_a_monotone_trace(k, l2):
+def test_active_set_keeps_exact_sparsity_and_a_monotone_trace(k, l2):
     X, w_bar = random_problem(n=25, p=60, seed=k)
-    w, support, trace, _ = active_set(Problem(X, w_bar, l2), k, fast=True)
+    w, support, trace, _ = active_set(Problem(X, w_bar, l2), k)
     assert int(support.sum()) == k and int((w != 0).sum()) <= k and torch.all(w[~support] == 0)
     assert all(b <= a + 1e-12 * abs(a) for a, b in zip(trace, trace[1:]))
     assert trace[-1] == pytest.approx(Problem(X, w_bar, l2).objective(w), rel=1e-10)
 
 
-def test_fast_path_with_an_nm_pattern_keeps_n_in_every_group():
+def test_active_set_with_an_nm_pattern_keeps_n_in_every_group_and_improves_on_iht():
     X, w_bar = random_problem(n=30, p=64, seed=5)
     pattern = NM(2, 4, torch.arange(64).view(-1, 4))
-    res = solve(X, w_bar, None, l2=0.05, method="active", pattern=pattern, fast=True)
+    res = solve(X, w_bar, None, l2=0.05, method="active", pattern=pattern)
     assert torch.all(res.support.view(-1, 4).sum(1) == 2)
-    plain = solve(X, w_bar, None, l2=0.05, method="active", pattern=pattern)
-    assert res.objective <= plain.objective * (1 + 1e-3)
+    iht = solve(X, w_bar, None, l2=0.05, method="iht", pattern=pattern)
+    assert res.objective <= iht.objective * (1 + 1e-9)
 
 
-@pytest.mark.parametrize("correlation,floor", [(0.0, 0.8), (0.5, 0.65)])
-def test_fast_path_reaches_the_brute_force_optimum_as_often_as_the_default(correlation, floor):
-    """The instances of test_solver's brute-force test, solved by both paths: the fast one reaches the optimum
-    at least as often as the default's floor (measured: 34/40 and 28/40; the default path 33/40 and 28/40)."""
-    hits = 0
-    for seed in range(40):
-        p = 10 + seed % 7
-        k = [2, 3, 4, 5][seed % 4]
-        X, w_bar = random_problem(n=3 * p, p=p, seed=seed, correlation=correlation)
-        l2 = [0.0, 0.01, 0.1][seed % 3]
-        alpha = 0.1 * torch.randn(p, dtype=torch.float64) if seed % 5 == 0 else None
-        best, _ = brute_force(Problem(X, w_bar, l2, alpha), k)
-        fast = solve(X, w_bar, k, l2=l2, alpha=alpha, method="active", fast=True)
-        assert fast.objective >= best - 1e-9 * abs(best)
-        hits += fast.objective <= best + 1e-8 * abs(best)
-    print(f"fast active set: brute-force optimum on {hits}/40 instances (correlation {correlation})")
-    assert hits / 40 >= floor
-
-
-def test_fast_path_on_a_large_active_set_uses_few_products_with_all_of_x():
-    """Counted, not timed: with n < k (the regime of the paper) the fast path multiplies by the full X far less
-    often than the default path (the default: 30 power iterations per new A, a full product per trial)."""
+def test_on_a_large_active_set_few_products_with_all_of_x():
+    """Counted, not timed: with n < k (the regime of the paper) the active set multiplies by the full X far less
+    often than line-search IHT on X (at least two products per iteration). (It ends higher here, 64.3 against
+    IHT's 57.3, as the two-path active set did: A = 1.5k columns and n < k, a regime the exact search of step 5
+    is for when it is affordable.)"""
     X, w_bar = random_problem(n=40, p=400, seed=6, correlation=0.0)
     counts = {}
-    for fast in (False, True):
+    for name in ("active", "iht"):
         problem = Problem(X, w_bar, 1e-2)
         calls = []
-        for name in ("matvec", "rmatvec"):
-            original = getattr(problem, name)
+        for op in ("matvec", "rmatvec", "matvecs"):
+            original = getattr(problem, op)
 
             def counted(v, original=original):
                 calls.append(1)
                 return original(v)
 
-            setattr(problem, name, counted)
-        active_set(problem, 60, fast=fast)
-        counts[fast] = len(calls)
-    assert counts[True] * 2 <= counts[False], counts
+            setattr(problem, op, counted)
+        if name == "active":
+            w = active_set(problem, 60)[0]
+        else:
+            w = iht(problem, 60, line_search=True)[0]
+        counts[name] = len(calls)
+        assert int((w != 0).sum()) <= 60
+    assert counts["active"] * 4 <= counts["iht"], counts
 
 
-def test_fast_path_on_the_block_diagonal_problem():
+def test_active_set_on_the_block_diagonal_problem():
     X, w_bar = random_problem(n=30, p=90, seed=8)
-    plain = solve(X, w_bar, 30, l2=0.05, method="block-iht", blocks=3)
-    fast = solve(X, w_bar, 30, l2=0.05, method="block-iht", blocks=3, fast=True)
-    assert int(fast.support.sum()) == 30 and fast.nnz <= 30
-    assert fast.trace[-1] <= plain.trace[-1] * (1 + 1e-3)  # the block problem's objective
+    res = solve(X, w_bar, 30, l2=0.05, method="block-iht", blocks=3)
+    assert int(res.support.sum()) == 30 and res.nnz <= 30
+    assert all(b <= a + 1e-12 * abs(a) for a, b in zip(res.trace, res.trace[1:]))  # the block problem's objective
 
 
 def test_refits_one_swap_apart_update_the_right_hand_side_by_the_swapped_columns(monkeypatch):
@@ -197,7 +184,7 @@ def test_refits_one_swap_apart_update_the_right_hand_side_by_the_swapped_columns
 
 
 def test_a_swap_taken_by_its_closed_form_gain_is_the_same_swap():
-    """``evaluate=False`` (the fast path, which refits the swap at once): the same swapped point as the evaluated
+    """``evaluate=False`` (the active set, which refits the swap at once): the same swapped point as the evaluated
     swap, and f left to the caller; the evaluated f is lower than f by more than tol."""
     X, w_bar = random_problem(n=30, p=40, seed=2)
     problem = Problem(X, w_bar, 0.01)
