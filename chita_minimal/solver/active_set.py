@@ -16,7 +16,7 @@ from chita_minimal.solver.backsolve import first_step
 from chita_minimal.solver.iht import _DENSE_UPDATE_FRACTION, iht, line_search_step
 from chita_minimal.solver.local_search import exact_swaps, move_cost
 from chita_minimal.solver.threshold import hard_threshold, project, support_of
-from chita_minimal.solver.problem import Problem
+from chita_minimal.solver.problem import Problem, ridge_outside
 
 
 def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_rounds: int = 10, max_iter: int = 500,
@@ -60,9 +60,13 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
       ill-conditioned support become one solve. The refits keep the n×n system of the Woodbury solve factorised
       and correct it for the columns that entered and left (:class:`chita_minimal.solver.gram.SupportGram`,
       carried over when A grows); the polish reuses the last refit.
-    - *L_A by a warm-started power iteration*: from the previous round's top singular vector (in the first
-      round from X_Aᵀ1, the summed per-sample gradients), to a relative change of ``_POWER_RTOL``.
-    - *Products near A*: X_A is kept while A does not grow; every X·v of step 3 is X_A v_A plus the few columns
+    - *L_A without a power iteration*: L_A only sets the safe fallback steps (1/L of the line search, τ = 2/L_A
+      of step 3c), which stay safe with an upper bound: for a dense X, ‖X_A‖_F² + 2λ, from one read of X_A and
+      then grown by the squared norms of the columns added to A. For other operators (the block-diagonal
+      problem) a power iteration warm-started from the previous round's top singular vector (in the first round
+      from X_Aᵀ1, the summed per-sample gradients), to a relative change of ``_POWER_RTOL``.
+    - *Products near A*: X_A is kept while A does not grow, and when A grows the new columns are appended to it
+      (:func:`_grown`) instead of gathering X_A again; every X·v of step 3 is X_A v_A plus the few columns
       outside A (:class:`_NearA`), and the gradient needs one Xᵀr on all p columns per round.
     - *Carried residuals*: the residual of a refit, a line-search step or a halving goes on into the next
       round's IHT; a swap accepted by its closed-form gain goes straight to its refit. In the line searches the
@@ -101,18 +105,24 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
     swapped_in = False  # the last move was a swap that brought in columns from outside A
     previous = None  # (A, top singular vector of X_A) of the last restriction: the next L_A's warm start
     exact = False  # w is the exact solve on its support, after a move inside A
-    carried = (None, None)  # (A, its factorised refit system) when A grows
+    carried = (None, None, None)  # (A, its factorised refit system, its restricted problem) when A grows
     r = None  # the residual of w when a step below has it (saves a product with X_A)
     for _ in range(max_rounds):
         if sub is None:  # A is new (the first round, or it grew): restrict to it and estimate L_A
-            idx = torch.nonzero(active).squeeze(1)
-            sub = problem.restrict(idx)
+            if carried[0] is None or pattern is not None or type(problem) is not Problem:
+                idx = torch.nonzero(active).squeeze(1)
+                sub = problem.restrict(idx)
+            else:  # device: the grown X_A is the last one with the new columns appended (no second gather)
+                idx, sub = _grown(problem, carried[2], carried[0], active)
             sub.gram_updates = True  # device: refits a few columns apart update one factorisation
             refitted = None  # (support on A, w, r, f) of the last refit on this X_A
             if carried[1] is not None:  # A grew by a few columns: its refits go on from the same factor
-                sub._support_gram = carried[1].moved(sub.X, torch.searchsorted(idx, carried[0]))
-            if len(idx) < p:  # device: L_A warm-started from the last round's top singular vector
-                sub.lipschitz(start=_warm_start(previous, idx, sub), rtol=_POWER_RTOL)
+                sub._support_gram = carried[1].moved(sub.X, _positions(idx, carried[0], p))
+            if type(problem) is Problem:  # device: L_A ≤ ‖X_A‖_F² + 2λ, one read of X_A, then column by column
+                if sub._lipschitz is None:  # (L_A only sets the safe fallback steps, which stay safe)
+                    sub._lipschitz = float(torch.linalg.vector_norm(sub.X)) ** 2 + 2.0 * sub.lam
+            elif len(idx) < p:  # device: L_A warm-started from the last round's top singular vector
+                sub.lipschitz(start=_warm_start(previous, idx, sub, p), rtol=_POWER_RTOL)
                 previous = (idx, sub.power_vector)
             sub_pattern = None if pattern is None else pattern.restrict(idx)
             if swapped_in:  # device: A grew by a swap's columns: the exact solve on the swapped support, not IHT
@@ -173,7 +183,7 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
             continue  # improvement inside A: IHT resumes from the new point, on the same X_A
         active |= mask
         swapped_in = pattern is None and moved <= 2 * _SWAPS
-        carried = (idx, getattr(sub, "_support_gram", None))
+        carried = (idx, getattr(sub, "_support_gram", None), sub)
         sub = None
     support = support_of(w, k, pattern)
     if polish:  # step 4, on X_A when the support lies in A (the same columns, no second gather)
@@ -197,8 +207,9 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
 _EXACT_PASSES, _EXACT_FLOPS, _EXACT_CANDIDATES = 2.0, 1e7, 8
 # step 3a makes up to this many disjoint swaps at once when together they beat the best one
 _SWAPS = 8
-# the search ends after a round that lowered f by less than this fraction (each round costs passes)
-_ROUND_TOL = 1e-5
+# the search ends after a round that lowered f by less than this fraction: on MLPNet (n = 1000, l2 = 0.1, sparsity
+# 0.7–0.95) the rounds after it gained 1–4·10⁻⁴ of f each, at about three bare passes each (bench/speed.py)
+_ROUND_TOL = 3e-4
 # The power iteration for L_A stops when its estimate changes by less than this fraction; warm-started from
 # the previous round's top singular vector it needs a few products with X_A instead of 30.
 _POWER_RTOL = 1e-3
@@ -236,7 +247,7 @@ def _halving_step(problem, w, g, f, k, tau, max_halvings, tol, pattern, start: i
     return None
 
 
-def _warm_start(previous, idx: torch.Tensor, sub: Problem) -> torch.Tensor | None:
+def _warm_start(previous, idx: torch.Tensor, sub: Problem, p: int) -> torch.Tensor | None:
     """The previous round's top singular vector of X_A, placed on the (larger) active set ``idx``; in the first
     round X_Aᵀ1, the sum of the per-sample gradients: they share a direction, near which X_A's top singular
     vector lies (on MLPNet at 0.5 / 0.9: 6 / 5 products to rtol instead of 11 / 20 from a random start)."""
@@ -245,8 +256,34 @@ def _warm_start(previous, idx: torch.Tensor, sub: Problem) -> torch.Tensor | Non
         return start if bool(start.any()) else None
     old_idx, v = previous
     start = torch.zeros(idx.numel(), dtype=v.dtype, device=v.device)
-    start[torch.searchsorted(idx, old_idx)] = v  # A only grows: every old column is in idx
+    start[_positions(idx, old_idx, p)] = v
     return start
+
+
+def _positions(idx: torch.Tensor, old: torch.Tensor, p: int) -> torch.Tensor:
+    """Where each coordinate of ``old`` sits in ``idx`` (A only grows: every old coordinate is in idx; neither
+    needs to be sorted)."""
+    pos = torch.full((p,), -1, dtype=torch.long, device=idx.device)
+    pos[idx] = torch.arange(idx.numel(), device=idx.device)
+    return pos[old]
+
+
+def _grown(problem: Problem, sub: Problem, idx: torch.Tensor, active: torch.Tensor):
+    """(idx', the problem restricted to idx') for the grown active set: idx' is ``idx`` followed by the new
+    coordinates of ``active``, and X_A' is sub's X_A with their columns appended — one copy of X_A and a gather of
+    a few columns, where :meth:`Problem.restrict` gathers |A| columns from all of X (on MLPNet at 0.9, 0.3 instead
+    of 1.5 bare passes). The same problem as ``problem.restrict(idx')``."""
+    outside = active.clone()
+    outside[idx] = False
+    new = torch.nonzero(outside).squeeze(1)
+    grown = torch.cat([idx, new])
+    alpha = None if problem.alpha is None else problem.alpha[grown]
+    X_new = problem.X.index_select(1, new)
+    out = Problem(torch.cat([sub.X, X_new], dim=1), problem.w_bar[grown], problem.l2, alpha, y=problem.y,
+                  offset=problem.offset + ridge_outside(problem.w_bar, grown, problem.lam))
+    if sub._lipschitz is not None:  # the Frobenius bound of L_A grows by the new columns' squared norms
+        out._lipschitz = sub._lipschitz + float(torch.linalg.vector_norm(X_new)) ** 2
+    return grown, out
 
 
 class _NearA:

@@ -10,8 +10,8 @@ So the check allows what a different rounding can move — objective 0.5 % relat
 nothing like what a wrong mask, a lost term or a swapped argument does (tens of percent, several points).
 
 Re-recorded once since (issue 30), when the active set's speed devices became its only path and the block
-backsolve's per-block slices its CPU path: MLPNet CHITA's objective moved from 7.9046 to 7.8985 (0.08 % lower: the
-one path takes other moves, in another order, with exact refits) at the same accuracy, 92.63 %; ResNet20's
+backsolve's per-block slices its CPU path: MLPNet CHITA's objective moved from 7.9046 to 7.9030 (0.02 % lower: the
+one path takes other moves, in another order, with exact refits) and its accuracy from 92.63 % to 92.62 %; ResNet20's
 chita-block by 1e-6 relative (the same solves, other rounding), at the same accuracy; the other methods, whose
 code did not change, by rounding (1e-7 relative).
 

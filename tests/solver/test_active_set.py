@@ -6,7 +6,7 @@ far less often than line-search IHT. Its optimality against brute force: test_so
 import pytest
 import torch
 
-from chita_minimal.solver.active_set import _best_swap, _NearA, _warm_start, active_set
+from chita_minimal.solver.active_set import _best_swap, _grown, _NearA, _positions, _warm_start, active_set
 from chita_minimal.solver.iht import iht
 from chita_minimal.solver.patterns import NM
 from chita_minimal.solver.problem import Problem, ridge_on_support
@@ -61,7 +61,7 @@ def test_a_warm_started_power_iteration_finds_the_lipschitz_constant_from_below(
     idx = torch.arange(0, 80, 2)
     small = Problem(X, w_bar, 0.1).restrict(idx)
     small.lipschitz()
-    start = _warm_start((idx, small.power_vector), torch.arange(80), Problem(X, w_bar, 0.1))
+    start = _warm_start((idx, small.power_vector), torch.arange(80), Problem(X, w_bar, 0.1), 80)
     assert torch.equal(start[idx], small.power_vector) and not bool(start[1::2].any())
     warm = Problem(X, w_bar, 0.1)
     warm.lipschitz(start=start, rtol=1e-3)
@@ -69,6 +69,30 @@ def test_a_warm_started_power_iteration_finds_the_lipschitz_constant_from_below(
     # it is within 1 % here, and the step sizes that use it are all checked against f
     assert 0.99 * true <= warm.lipschitz() <= true * (1 + 1e-12)
     assert 0.999 * true <= cold <= true * (1 + 1e-12)
+
+
+def test_a_grown_active_set_is_the_restricted_problem_with_columns_appended():
+    """_grown: X_A' = [X_A, new columns], the same objective as restrict(A') for every w on A', and the Frobenius
+    bound of L grown by the new columns is the bound of X_A' (never below the true L)."""
+    X, w_bar = random_problem(n=30, p=90, seed=3)
+    alpha = 0.1 * torch.randn(90, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    problem = Problem(X, w_bar, 0.05, alpha)
+    idx = torch.arange(0, 90, 3)
+    sub = problem.restrict(idx)
+    sub._lipschitz = float(torch.linalg.vector_norm(sub.X)) ** 2 + 2 * sub.lam
+    active = torch.zeros(90, dtype=torch.bool)
+    active[idx] = True
+    active[[1, 50, 89]] = True
+    grown, big = _grown(problem, sub, idx, active)
+    assert torch.equal(grown[:idx.numel()], idx) and set(grown[idx.numel():].tolist()) == {1, 50, 89}
+    torch.testing.assert_close(big.X, X[:, grown], rtol=0, atol=0)
+    direct = problem.restrict(torch.sort(grown).values)
+    v = torch.randn(grown.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    order = torch.argsort(grown)
+    assert big.objective(v) == pytest.approx(direct.objective(v[order]), rel=1e-12)
+    assert big._lipschitz == pytest.approx(float(torch.linalg.vector_norm(big.X)) ** 2 + 2 * big.lam, rel=1e-12)
+    assert big._lipschitz >= float(torch.linalg.matrix_norm(big.X, 2)) ** 2 + 2 * big.lam
+    assert torch.equal(grown[_positions(grown, idx, 90)], idx)
 
 
 def test_the_first_round_starts_the_power_iteration_from_the_summed_gradients():
@@ -82,7 +106,7 @@ def test_the_first_round_starts_the_power_iteration_from_the_summed_gradients():
     products = {}
     for name in ("summed", "random"):
         problem = Problem(X, w_bar, 0.1)
-        start = _warm_start(None, torch.arange(300), problem) if name == "summed" else None
+        start = _warm_start(None, torch.arange(300), problem, 300) if name == "summed" else None
         if name == "summed":
             torch.testing.assert_close(start, X.sum(0))
         calls = []
@@ -91,7 +115,7 @@ def test_the_first_round_starts_the_power_iteration_from_the_summed_gradients():
         assert 0.99 * true <= problem.lipschitz(start=start, rtol=1e-3) <= true * (1 + 1e-12)
         products[name] = len(calls)
     assert products["summed"] < products["random"]
-    assert _warm_start(None, torch.arange(300), Problem(torch.zeros_like(X), w_bar, 0.1)) is None
+    assert _warm_start(None, torch.arange(300), Problem(torch.zeros_like(X), w_bar, 0.1), 300) is None
 
 
 def test_products_near_the_active_set_equal_the_full_products():
