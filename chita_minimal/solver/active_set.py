@@ -16,7 +16,7 @@ from chita_minimal.solver.backsolve import first_step
 from chita_minimal.solver.iht import _DENSE_UPDATE_FRACTION, iht, line_search_step
 from chita_minimal.solver.local_search import exact_swaps, move_cost
 from chita_minimal.solver.threshold import hard_threshold, project, support_of
-from chita_minimal.solver.problem import Problem, ridge_outside
+from chita_minimal.solver.problem import Problem
 
 
 def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_rounds: int = 10, max_iter: int = 500,
@@ -284,10 +284,8 @@ def _grown(problem: Problem, sub: Problem, idx: torch.Tensor, active: torch.Tens
     outside[idx] = False
     new = torch.nonzero(outside).squeeze(1)
     grown = torch.cat([idx, new])
-    alpha = None if problem.alpha is None else problem.alpha[grown]
     X_new = problem.X.index_select(1, new)
-    out = Problem(torch.cat([sub.X, X_new], dim=1), problem.w_bar[grown], problem.l2, alpha, y=problem.y,
-                  offset=problem.offset + ridge_outside(problem.w_bar, grown, problem.lam))
+    out = problem.restrict(grown, torch.cat([sub.X, X_new], dim=1))
     if sub._lipschitz is not None:  # the Frobenius bound of L_A grows by the new columns' squared norms
         out._lipschitz = sub._lipschitz + float(torch.linalg.vector_norm(X_new)) ** 2
     return grown, out

@@ -253,16 +253,18 @@ class Problem:
         return self._lipschitz
 
     # -- sub-problems ------------------------------------------------------------------
-    def restrict(self, idx: torch.Tensor) -> "Problem":
+    def restrict(self, idx: torch.Tensor, X_idx: torch.Tensor | None = None) -> "Problem":
         """The same problem with every coordinate outside ``idx`` fixed at zero.
 
         Keeps the full y and adds λ‖w̄ outside idx‖² as a constant, so that
         ``restricted.objective(w[idx]) == full.objective(w)`` for any w vanishing
         outside idx. Used by the active set (Alg 4) and by fixed masks (CHITA++).
+        ``X_idx``: the columns idx of X when the caller has them already (no gather).
         """
         offset = self.offset + ridge_outside(self.w_bar, idx, self.lam)
         alpha = None if self.alpha is None else self.alpha[idx]
-        return Problem(self.X.index_select(1, idx), self.w_bar[idx], self.l2, alpha, y=self.y, offset=offset)
+        X_idx = self.X.index_select(1, idx) if X_idx is None else X_idx
+        return Problem(X_idx, self.w_bar[idx], self.l2, alpha, y=self.y, offset=offset)
 
     def __repr__(self) -> str:
         return (f"Problem(n={self.n}, p={self.p}, l2={self.l2:g}, alpha={'yes' if self.alpha is not None else 'no'}, "
