@@ -81,6 +81,8 @@ class ShardedProblem(Problem):
             (checked: shapes and l2). λ = l2·n/2 uses the total n = Σ_r n_r.
     """
 
+    dense_x = False  # X v needs the other ranks' rows
+
     def __init__(self, X, w_bar, l2: float = 0.0, alpha=None, *, y=None, offset: float = 0.0, n_total=None):
         if not active():
             raise RuntimeError("ShardedProblem needs an initialised torch.distributed process group of > 1 process "

@@ -101,8 +101,8 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
         k = pattern.check_k(k)
         active = pattern.keep_top(u, min(pattern.m, math.ceil(expand * pattern.n)))
     w, _ = project(problem.w_bar * active, k, pattern)  # only w[A] is used below
-    batch = type(problem) is Problem  # device: the line search's trials in batches (Problem.matvecs)
-    dense = type(problem) is Problem and 2 * problem.n * p > _CHEAP_PASS  # a dense X where a pass costs something
+    batch = problem.dense_x  # device: the line search's trials in batches (Problem.matvecs)
+    dense = problem.dense_x and 2 * problem.n * p > _CHEAP_PASS  # a dense X where a pass costs something
     round_tol = _ROUND_TOL[dense]
     trace, iterations = [], 0
     sub, idx, halving = None, None, 0
@@ -124,7 +124,7 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
                 sub._support_gram = carried[1].moved(sub.X, _positions(idx, carried[0], p))
             if dense:  # device: L_A ≤ ‖X_A‖_F² + 2λ, one read of X_A, then column by column
                 if sub._lipschitz is None:  # (L_A only sets the safe fallback steps, which stay safe)
-                    sub._lipschitz = float(torch.linalg.vector_norm(sub.X)) ** 2 + 2.0 * sub.lam
+                    sub._lipschitz = sub.frobenius_bound()
             elif len(idx) < p:  # device: L_A warm-started from the last round's top singular vector
                 sub.lipschitz(start=_warm_start(previous, idx, sub, p), rtol=_POWER_RTOL)
                 previous = (idx, sub.power_vector)
@@ -197,7 +197,7 @@ def active_set(problem: Problem, k: int | None, *, expand: float = 1.5, max_roun
         if f_ridge < trace[-1]:
             w = w_ridge
             trace.append(f_ridge)
-    if exact_search and pattern is None and type(problem) is Problem and swap_candidates > 0 \
+    if exact_search and pattern is None and problem.dense_x and swap_candidates > 0 \
             and move_cost(problem, k, _EXACT_CANDIDATES) <= max(_EXACT_PASSES * 2 * problem.n * p, _EXACT_FLOPS):
         w_ls, f_ls = exact_swaps(problem, w, k, candidates=_EXACT_CANDIDATES)  # step 5
         if f_ls < trace[-1]:
@@ -326,8 +326,8 @@ class _NearA:
         top singular vector."""
         problem = self._problem
         if problem._lipschitz is None:
-            if type(problem) is Problem:
-                problem._lipschitz = float(torch.linalg.vector_norm(problem.X)) ** 2 + 2.0 * problem.lam
+            if problem.dense_x:
+                problem._lipschitz = problem.frobenius_bound()
             else:
                 problem.lipschitz(start=_embed(self._sub.power_vector, self._idx, problem.p), rtol=_POWER_RTOL)
         return problem.lipschitz()

@@ -161,6 +161,8 @@ class BlockProblem(Problem):
     entries (one n-vector per block) and y_b = X_b w̄_b uses every column of block b.
     """
 
+    dense_x = False  # X is stored packed by block, not as the (n, p) matrix
+
     def __init__(self, X, w_bar, blocks, l2: float = 0.0, alpha=None, *, keep: torch.Tensor | None = None):
         n, p = check_inputs(X, w_bar, l2, alpha)
         bid, _, G = block_ids(p, blocks, X.device)

@@ -217,7 +217,7 @@ def iht(problem: Problem, k: int | None, w0: torch.Tensor | None = None, *, line
     if sync_free:
         unsupported = [what for what, bad in (("line_search=False", not line_search),
                                               ("an N:M pattern", pattern is not None), ("refit", refit is not None),
-                                              (f"a {type(problem).__name__}", type(problem) is not Problem)) if bad]
+                                              (f"a {type(problem).__name__}", not problem.dense_x)) if bad]
         if unsupported:
             raise ValueError(f"sync_free=True does not support {' or '.join(unsupported)}: it needs the line search "
                              "on a dense X with a global top-k and no refit")

@@ -136,7 +136,7 @@ def iht_sync_free(problem: Problem, k: int, w0: torch.Tensor | None = None, *, m
                   tol: float = 1e-7, check_every: int = 16):
     """:func:`chita_minimal.solver.iht.iht` with the line search (Alg 2/3) and no host read inside the loop
     (see the module docstring). Returns (w, support, trace, iterations) like ``iht``."""
-    if type(problem) is not Problem:
+    if not problem.dense_x:
         raise TypeError(f"the sync-free line search needs a Problem with a dense X, got {type(problem).__name__}")
     start = problem.w_bar if w0 is None else w0
     w, _ = project(start, k)  # H_k of the start, as in iht

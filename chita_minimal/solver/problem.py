@@ -109,6 +109,12 @@ class Problem:
         self.offset = float(offset)
         self._lipschitz = None
 
+    #: X is this problem's own dense (n, p) tensor: products are matmuls with it and :meth:`restrict` gathers its
+    #: columns. The active set's devices that read X directly (its Frobenius norm, appended columns, batched trial
+    #: steps, the exact swap search) need this; problems that compute X v another way (block-diagonal, row-sharded
+    #: across processes) set it False and get the same algorithm without them.
+    dense_x = True
+
     # -- the linear operator X (subclasses such as a block-diagonal X override these) ------
     @property
     def dtype(self) -> torch.dtype:
@@ -251,6 +257,11 @@ class Problem:
             self.power_vector = v  # the top right singular vector of X, as far as it converged
             self._lipschitz = 1.05 * (sigma2 + 2.0 * self.lam)
         return self._lipschitz
+
+    def frobenius_bound(self) -> float:
+        """‖X‖_F² + 2λ ≥ σ_max(X)² + 2λ = L: an upper bound on L from one read of a dense X (1/bound is a safe
+        step; no power iteration)."""
+        return float(torch.linalg.vector_norm(self.X)) ** 2 + 2.0 * self.lam
 
     # -- sub-problems ------------------------------------------------------------------
     def restrict(self, idx: torch.Tensor, X_idx: torch.Tensor | None = None) -> "Problem":

@@ -137,8 +137,8 @@ def _one_process(X, w_bar, method, mask):
     from chita_minimal.solver.active_set import active_set
     from chita_minimal.solver.problem import Problem
 
-    class Operator(Problem):
-        pass
+    class Operator(Problem):  # a general operator to the active set, as the sharded problem is
+        dense_x = False
 
     idx = torch.arange(X.shape[1]) if mask is None else torch.nonzero(mask).squeeze(1)
     sub = Problem(X, w_bar, 0.05).restrict(idx)  # as solve() restricts to the mask

@@ -126,12 +126,12 @@ def test_padded_width_bounds_the_padding():
 @pytest.mark.parametrize("seed", range(12))
 def test_block_iht_with_one_block_equals_the_active_set(seed):
     """The same Alg 4 on the same problem. The active set gives a plain dense Problem a few more devices (batched
-    trial steps, several swaps at once, the Frobenius bound for L, the exact search of step 5); on a subclass of
-    Problem, as on the block-diagonal problem, it runs without them: there the two agree to rounding."""
+    trial steps, several swaps at once, the Frobenius bound for L, the exact search of step 5); on a problem with
+    ``dense_x = False``, as the block-diagonal problem is, it runs without them: there the two agree to rounding."""
     from chita_minimal.solver.active_set import active_set
 
     class Operator(Problem):  # the same problem, seen by the active set as a general operator
-        pass
+        dense_x = False
 
     X, w_bar = random_problem(n=25, p=60, seed=seed)
     k = 5 + 4 * seed
