@@ -25,19 +25,13 @@ from chita_minimal.report import PruneReport
 from chita_minimal.scale import distributed
 from chita_minimal.solver.patterns import NM, parse_pattern, row_length
 from chita_minimal.solver.problem import num_kept
-from chita_minimal.utils import check_sparsity, renamed
+from chita_minimal.utils import check_number, check_sparsity, renamed
 
 
 def __getattr__(name):  # PRUNE_METHODS: the registered names, as of now
     if name == "PRUNE_METHODS":
         return tuple(methods.REGISTRY)
     raise AttributeError(f"module 'chita_minimal.prune' has no attribute {name!r}")
-
-
-def _check_number(name, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-    return float(value)
 
 
 @renamed(param_names="names")
@@ -94,7 +88,7 @@ def prune(model: nn.Module, dataset, sparsity: float, method="chita", *, n_grads
     sparsity = check_sparsity("sparsity", sparsity)
     if isinstance(n_grads, bool) or not isinstance(n_grads, int) or n_grads < 1:
         raise ValueError(f"n_grads must be an int >= 1, got {n_grads!r}")
-    l2 = _check_number("l2", l2)
+    l2 = check_number("l2", l2, low=0)
     distributed.check_same(method=repr(method), sparsity=sparsity, n_grads=n_grads, batch_size=batch_size, l2=l2,
                            seed=seed)
     if pattern is not None:

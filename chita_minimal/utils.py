@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import numbers
 import random
 import warnings
 
@@ -26,19 +27,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_int(name: str, value, low: int | None = 1) -> int:
-    """``value`` if it is an int (not a bool) ≥ ``low`` (no bound when None); TypeError/ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+def check_int(name: str, value, low: int | None = 1, high: int | None = None) -> int:
+    """``value`` as an int if it is an integer (Python or NumPy, not a bool) in [``low``, ``high``] (None: no bound);
+    TypeError/ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if low is not None and value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
+    if (low is not None and value < low) or (high is not None and value > high):
+        bound = f"be >= {low}" if high is None else f"lie in [{'-inf' if low is None else low}, {high}]"
+        raise ValueError(f"{name} must {bound}, got {value}")
+    return int(value)
 
 
 def check_number(arg, value, low=None, high=None, low_open=False, high_open=False) -> float:
-    """``value`` as a float if it is a number in the bounds (``*_open``: strict); TypeError/ValueError naming ``arg``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    """``value`` as a float if it is a finite real number (not a bool) in the bounds (``*_open``: strict);
+    TypeError/ValueError naming ``arg``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{arg} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{arg} must be a finite number, got {value}")
     if (low is not None and (value <= low if low_open else value < low)) or \
             (high is not None and (value >= high if high_open else value > high)):
         lo = "-inf" if low is None else low
@@ -46,6 +52,12 @@ def check_number(arg, value, low=None, high=None, low_open=False, high_open=Fals
         raise ValueError(f"{arg} must lie in {'(' if low_open else '['}{lo}, {hi}{')' if high_open else ']'}, "
                          f"got {value}")
     return float(value)
+
+
+def check_fraction(name: str, value) -> float:
+    """``value`` as a float strictly between 0 and 1 (a fraction to remove or keep); TypeError/ValueError naming
+    ``name``."""
+    return check_number(name, value, 0, 1, low_open=True, high_open=True)
 
 
 def check_choice(name: str, value, choices):

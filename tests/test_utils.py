@@ -1,4 +1,5 @@
-"""Tests of the small helpers of chita_minimal.utils: the deprecated-keyword helper ``renamed``."""
+"""Tests of the small helpers of chita_minimal.utils: the deprecated-keyword helper ``renamed`` and the argument
+checks every module reuses."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import importlib
 import inspect
 import warnings
 
+import numpy as np
 import pytest
+import torch
 
-from chita_minimal.utils import renamed
+from chita_minimal.utils import check_fraction, check_int, check_number, renamed
 
 
 @renamed(blocksize="block_size", n="n_grads")
@@ -72,3 +75,37 @@ def test_group_param_names_is_a_deprecated_alias():
 
     with pytest.warns(DeprecationWarning, match="group_weight_names"):
         assert sosp.group_param_names(MLPNet()) == sosp.group_weight_names(MLPNet())
+
+
+# -- the shared argument checks ---------------------------------------------------------------------
+
+
+def test_check_int_takes_numpy_integers_and_names_the_argument_and_its_bounds():
+    assert check_int("n", np.int64(3)) == 3 and type(check_int("n", np.int64(3))) is int
+    assert check_int("bits", 16, low=2, high=16) == 16
+    with pytest.raises(ValueError, match=r"bits must lie in \[2, 16\], got 17"):
+        check_int("bits", 17, low=2, high=16)
+    with pytest.raises(ValueError, match="n must be >= 1, got 0"):
+        check_int("n", 0)
+    for bad in [True, 2.0, "2", None]:
+        with pytest.raises(TypeError, match="n must be an int"):
+            check_int("n", bad)
+
+
+def test_check_number_refuses_non_finite_values_and_wrong_types():
+    assert check_number("l2", np.float32(0.5), low=0) == 0.5
+    for bad in [float("nan"), float("inf"), -float("inf")]:
+        with pytest.raises(ValueError, match="l2 must be a finite number"):
+            check_number("l2", bad)
+    with pytest.raises(ValueError, match=r"l2 must lie in \(0, inf\], got 0"):
+        check_number("l2", 0, low=0, low_open=True)
+    for bad in [True, "0.1", None, torch.tensor(0.1)]:
+        with pytest.raises(TypeError, match="l2 must be a number"):
+            check_number("l2", bad)
+
+
+def test_check_fraction_is_open_at_both_ends():
+    assert check_fraction("fraction", 0.25) == 0.25
+    for bad in [0, 1, 1.5, -0.1]:
+        with pytest.raises(ValueError, match=r"fraction must lie in \(0, 1\)"):
+            check_fraction("fraction", bad)

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from chita_minimal.data.files import candidate_folders, download_allowed, file_hash, import_pooch, retrieve, shared_dir
+from chita_minimal.utils import check_int
 
 DATASETS = ("mnist", "cifar10")
 SPLITS = ("train", "test")
@@ -282,14 +283,6 @@ def _check_dataset(dataset) -> int:
     return len(dataset)
 
 
-def _check_size(arg: str, size, low: int, high: int) -> int:
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)):
-        raise TypeError(f"{arg} must be an int, got {type(size).__name__}")
-    if not low <= size <= high:
-        raise ValueError(f"{arg} must satisfy {low} <= {arg} <= {high}, got {size}")
-    return int(size)
-
-
 def _take(dataset: TensorDataset, idx: torch.Tensor) -> TensorDataset:
     return TensorDataset(*(t[idx] for t in dataset.tensors))
 
@@ -301,7 +294,7 @@ def split(dataset: TensorDataset, val_size: int, *, seed: int = 0) -> tuple[Tens
     each part keeps the original order of its samples.
     """
     n = _check_dataset(dataset)
-    val_size = _check_size("val_size", val_size, 1, n - 1)
+    val_size = check_int("val_size", val_size, low=1, high=n - 1)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = perm[:val_size].sort().values, perm[val_size:].sort().values
     return _take(dataset, train_idx), _take(dataset, val_idx)
@@ -310,6 +303,6 @@ def split(dataset: TensorDataset, val_size: int, *, seed: int = 0) -> tuple[Tens
 def subset(dataset: TensorDataset, size: int, *, seed: int = 0) -> TensorDataset:
     """A random subset of ``size`` samples (in their original order), deterministic for a seed."""
     n = _check_dataset(dataset)
-    size = _check_size("size", size, 1, n)
+    size = check_int("size", size, low=1, high=n)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return _take(dataset, perm[:size].sort().values)

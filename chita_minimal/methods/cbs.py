@@ -42,9 +42,10 @@ from dataclasses import dataclass
 import torch
 
 from chita_minimal.methods.base import Method, Stage, Step, register
-from chita_minimal.methods.magnitude import Pruned, check_fisher_inputs, check_positive, finish
+from chita_minimal.methods.magnitude import Pruned, check_fisher_inputs, finish
 from chita_minimal.methods.woodfisher import block_fisher_inverse, obs_update, saliency_support, to_blocks
 from chita_minimal.solver.problem import Problem
+from chita_minimal.utils import check_int
 
 def _swap_table(A: torch.Tensor, w: torch.Tensor, removed: torch.Tensor, valid: torch.Tensor):
     """Loss and the change of every swap, per block.
@@ -90,8 +91,8 @@ def cbs(X: torch.Tensor, w_bar: torch.Tensor, k: int, *, l2: float, block_size: 
         ``Pruned(w, support)``: support has exactly k True entries, w is 0 off it.
     """
     check_fisher_inputs(X, w_bar, k, l2)
-    check_positive("block_size", block_size, integer=True, minimum=1, strict=False)
-    check_positive("swap_rounds", swap_rounds, integer=True, minimum=0, strict=False)
+    check_int("block_size", block_size)
+    check_int("swap_rounds", swap_rounds, low=0)
     p = w_bar.numel()
     A = block_fisher_inverse(X, l2, block_size)  # (nb, B, B)
     nb, B = A.shape[:2]

@@ -32,7 +32,7 @@ from chita_minimal.network.fisher import prepared
 from chita_minimal.network.params import owners
 from chita_minimal.report import Report
 from chita_minimal.solver.patterns import parse_pattern
-from chita_minimal.solver.problem import num_kept
+from chita_minimal.solver.problem import check_tensor, num_kept
 from chita_minimal.utils import check_int as _check_int
 from chita_minimal.utils import check_sparsity, renamed
 
@@ -44,20 +44,6 @@ from chita_minimal.utils import check_sparsity, renamed
 def _round(x: float) -> int:
     """Round half up (not Python's half-to-even), so that differences of rounded cumulative sums telescope."""
     return int(math.floor(x + 0.5))
-
-
-def _check_pattern(pattern) -> tuple[int, int]:
-    return parse_pattern(pattern)
-
-
-def check_matrix(name: str, t, ndim: int = 2) -> None:
-    """TypeError/ValueError naming ``name`` unless ``t`` is a non-empty, finite, floating-point ``ndim``-d tensor."""
-    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point torch.Tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-    if t.dim() != ndim or t.numel() == 0:
-        raise ValueError(f"{name} must be a non-empty {ndim}-d tensor, got shape {tuple(t.shape)}")
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{name} contains NaN or Inf values")
 
 
 def unsupported(name: str, m: nn.Module | None, attr: str) -> str | None:
@@ -235,8 +221,8 @@ def sparsegpt_layer(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = N
     Returns:
         (W_pruned (rows, cols) in W's dtype, mask (rows, cols) bool).
     """
-    check_matrix("W", W)
-    check_matrix("H", H)
+    check_tensor("W", W, 2)
+    check_tensor("H", H, 2)
     rows, cols = W.shape
     if H.shape != (cols, cols):
         raise ValueError(f"H must have shape ({cols}, {cols}) to match W {tuple(W.shape)}, got {tuple(H.shape)}")
@@ -254,7 +240,7 @@ def sparsegpt_layer(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = N
             return W.clone(), torch.ones_like(W, dtype=torch.bool)
         Z = rows * cols - num_kept(sparsity, rows * cols)  # exact number of zeros of the layer
     elif pattern is not None:
-        n, m = _check_pattern(pattern)
+        n, m = parse_pattern(pattern)
         if cols % m:
             raise ValueError(f"N:M pattern {n}:{m} needs the row length {cols} to be divisible by m = {m}")
         block_size = max(m, block_size // m * m)
@@ -336,7 +322,7 @@ class LayerwiseReport(Report):
 def _targets(mods, sparsity, pattern, allocation) -> dict[str, float | None]:
     """Per-layer sparsity (None under an N:M pattern), checked before anything is modified."""
     if pattern is not None:
-        n, m = _check_pattern(pattern)
+        n, m = parse_pattern(pattern)
         if sparsity is not None and abs(check_sparsity("sparsity", sparsity) - (1 - n / m)) > 1e-9:
             raise ValueError(f"sparsity {sparsity} contradicts pattern {n}:{m} (sparsity {1 - n / m}); give None")
         if not (isinstance(allocation, str) and allocation == "uniform"):

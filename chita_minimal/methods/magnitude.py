@@ -14,7 +14,6 @@ then < k, but ``support`` still says which k coordinates were kept.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -23,6 +22,7 @@ import torch
 from chita_minimal.methods.base import Method, Stage, Step, register
 from chita_minimal.solver.threshold import hard_threshold
 from chita_minimal.solver.problem import check_k, check_tensor
+from chita_minimal.utils import check_number
 
 class Pruned(NamedTuple):
     """Result of a baseline: pruned weights ``w`` (p,) and the kept ``support`` (p,) bool."""
@@ -32,23 +32,10 @@ class Pruned(NamedTuple):
 
 
 # -- input checks shared by the baselines ---------------------------------------------------
-def check_positive(name: str, value, *, integer: bool, minimum: float = 0.0, strict: bool = True):
-    """A finite number (int when ``integer``) that is > minimum (strict) or ≥ minimum."""
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type:
-        kind = "an int" if integer else "a number"
-        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
-    bad = not math.isfinite(value) or (value <= minimum if strict else value < minimum)
-    if bad:
-        rel = ">" if strict else ">="
-        raise ValueError(f"{name} must be {rel} {minimum:g}, got {value}")
-    return value
-
-
 def check_fisher_inputs(X, w_bar, k, l2) -> None:
     """Checks for the Fisher-based baselines: X (n, p) and w_bar (p,) float, same dtype/device; l2 > 0."""
     check_data(X, w_bar, k)
-    check_positive("l2", l2, integer=False)
+    check_number("l2", l2, low=0, low_open=True)
 
 
 def check_data(X, w_bar, k) -> None:

@@ -37,9 +37,10 @@ from dataclasses import dataclass
 import torch
 
 from chita_minimal.methods.base import Method, Stage, Step, register
-from chita_minimal.methods.magnitude import Pruned, check_fisher_inputs, check_positive, finish
+from chita_minimal.methods.magnitude import Pruned, check_fisher_inputs, finish
 from chita_minimal.solver.threshold import hard_threshold
 from chita_minimal.solver.problem import Problem, check_tensor
+from chita_minimal.utils import check_int, check_number
 
 _DIAG_CHUNK = 8192  # columns of C·G formed at a time by diag()
 
@@ -57,7 +58,7 @@ class InverseFisher:
 
     def __init__(self, X: torch.Tensor, l2: float):
         check_tensor("X", X, 2)
-        check_positive("l2", l2, integer=False)
+        check_number("l2", l2, low=0, low_open=True)
         n = X.shape[0]
         self.G, self.l2 = X, float(l2)
         # D_ji = v_jᵀ g_i for j ≤ i, by the recursion over i (rank-one eliminations)
@@ -106,7 +107,7 @@ def mfac(X: torch.Tensor, w_bar: torch.Tensor, k: int, *, l2: float, steps: int 
         ``Pruned(w, support)``: support has exactly k True entries, w is 0 off it.
     """
     check_fisher_inputs(X, w_bar, k, l2)
-    check_positive("steps", steps, integer=True, minimum=1, strict=False)
+    check_int("steps", steps)
     p = w_bar.numel()
     w = w_bar.clone()
     support = torch.ones(p, dtype=torch.bool, device=w.device)

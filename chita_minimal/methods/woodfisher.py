@@ -40,9 +40,10 @@ from dataclasses import dataclass
 import torch
 
 from chita_minimal.methods.base import Method, Stage, Step, register
-from chita_minimal.methods.magnitude import Pruned, check_fisher_inputs, check_positive, finish
+from chita_minimal.methods.magnitude import Pruned, check_fisher_inputs, finish
 from chita_minimal.solver.threshold import hard_threshold
 from chita_minimal.solver.problem import Problem, check_tensor
+from chita_minimal.utils import check_int, check_number
 
 _UPDATES = ("independent", "joint")
 
@@ -75,8 +76,8 @@ def block_fisher_inverse(X: torch.Tensor, l2: float, block_size: int = 100) -> t
         columns past p (padding of the last block) hold (1/l2)·I.
     """
     check_tensor("X", X, 2)
-    check_positive("l2", l2, integer=False)
-    check_positive("block_size", block_size, integer=True, minimum=1, strict=False)
+    check_number("l2", l2, low=0, low_open=True)
+    check_int("block_size", block_size)
     n, p = X.shape
     nb, B = _block_shape(p, block_size)
     G = to_blocks(X, nb, B)  # (n, nb, B)
@@ -152,7 +153,7 @@ def woodfisher(X: torch.Tensor, w_bar: torch.Tensor, k: int, *, l2: float, block
         ``Pruned(w, support)``: support has exactly k True entries, w is 0 off it.
     """
     check_fisher_inputs(X, w_bar, k, l2)
-    check_positive("block_size", block_size, integer=True, minimum=1, strict=False)
+    check_int("block_size", block_size)
     if update not in _UPDATES:
         raise ValueError(f"update must be one of {_UPDATES}, got {update!r}")
     p = w_bar.numel()

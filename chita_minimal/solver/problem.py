@@ -15,6 +15,7 @@ import math
 import torch
 
 from chita_minimal.solver.gram import SupportGram
+from chita_minimal.utils import check_sparsity
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -49,10 +50,7 @@ def check_tensor(name: str, t, ndim: int) -> None:
 
 def num_kept(sparsity: float, p: int) -> int:
     """Number of weights kept at a given sparsity: k = round((1 − s)·p)."""
-    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool):
-        raise TypeError(f"sparsity must be a number, got {type(sparsity).__name__}")
-    if not 0.0 <= sparsity < 1.0 or math.isnan(sparsity):
-        raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
+    sparsity = check_sparsity("sparsity", sparsity)
     return max(1, int(round((1.0 - sparsity) * p)))
 
 

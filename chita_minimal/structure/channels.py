@@ -62,7 +62,6 @@ solved by IHT with group projection and a line search, then backsolve on the cho
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -78,7 +77,7 @@ from chita_minimal.structure.graph import (all_groups, channel_groups, default_i
                                            missing_inputs, prune_channels)
 from chita_minimal.structure.graph import DEFAULT_INPUT_SHAPES, ChannelGroup, ResidualGroup  # noqa: F401 (re-exported)
 from chita_minimal.structure.graph import MissingExampleInputs  # noqa: F401 (re-exported)
-from chita_minimal.utils import check_choice, deprecated, renamed
+from chita_minimal.utils import check_choice, check_fraction, deprecated, renamed
 
 
 # -----------------------------------------------------------------------------
@@ -112,15 +111,6 @@ def check_keep(model: nn.Module, keep, residual: bool = False, *, example_inputs
             raise ValueError(f"keep[{name!r}] keeps no channel; keep at least one per group")
         out[name] = m.cpu()
     return out
-
-
-def check_fraction(fraction) -> float:
-    """``fraction`` (of FLOPs to remove) as a float in (0, 1); TypeError/ValueError otherwise."""
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
-        raise TypeError(f"fraction must be a number, got {type(fraction).__name__}")
-    if not 0.0 < fraction < 1.0 or math.isnan(fraction):
-        raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
-    return float(fraction)
 
 
 def _input_shape(model: nn.Module, input_shape=None, example_inputs=None) -> tuple:
@@ -401,7 +391,7 @@ def select(model: nn.Module, scores: dict[str, torch.Tensor], fraction: float, i
     ``example_inputs``); ``example_inputs`` for tracing default to a zero input of ``input_shape``.
     Returns (keep, achieved_fraction).
     """
-    fraction = check_fraction(fraction)
+    fraction = check_fraction("fraction", fraction)
     input_shape = _input_shape(model, input_shape, example_inputs)
     example_inputs = example_inputs_for(model, example_inputs, input_shape)
     groups = channel_groups(model, example_inputs, residual=residual)
@@ -720,7 +710,7 @@ def group_chita(model: nn.Module, dataset, fraction: float, *, n_grads: int, l2:
     ``cm.shrink(model, data, fraction, method="group-chita", ...)`` runs it on a copy.
     """
     t0 = time.perf_counter()
-    fraction = check_fraction(fraction)
+    fraction = check_fraction("fraction", fraction)
     input_shape = _input_shape(model, input_shape, example_inputs)
     example_inputs = example_inputs_for(model, example_inputs, input_shape)
     groups = channel_groups(model, example_inputs, residual=residual)

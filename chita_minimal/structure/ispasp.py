@@ -50,10 +50,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from chita_minimal.network import fisher
-from chita_minimal.structure.channels import (ChannelReport, FlopModel, _input_shape, channel_groups, check_fraction,
-                                              flops, group_widths, shrink)
+from chita_minimal.structure.channels import (ChannelReport, FlopModel, _input_shape, channel_groups, flops,
+                                              group_widths, shrink)
 from chita_minimal.structure.graph import example_inputs_for
-from chita_minimal.utils import check_int, deprecated, renamed
+from chita_minimal.utils import check_fraction, check_int, deprecated, renamed
 
 RIDGE = 1e-9  # relative ridge of the least-squares Gram systems (times the mean diagonal)
 
@@ -211,7 +211,7 @@ def uniform_counts(model: nn.Module, fraction: float, input_shape=None, *, resid
     k_g(r) = max(1, round((1 − r)·C_g)) decreases with r, so the removed FLOP fraction grows with
     r; r is found by bisection (60 halvings) on exact per-layer FLOP counts.
     """
-    fraction = check_fraction(fraction)
+    fraction = check_fraction("fraction", fraction)
     input_shape = _input_shape(model, input_shape, example_inputs)
     example_inputs = example_inputs_for(model, example_inputs, input_shape)
     cost = FlopModel(model, input_shape, residual, example_inputs=example_inputs, budget=budget)
@@ -282,7 +282,7 @@ def ispasp(model: nn.Module, dataset, fraction: float, *, n_samples: int = 64, i
     gradients, hence not ``n_grads``). ``cm.shrink(model, data, fraction, method="ispasp", ...)`` runs it.
     """
     t0 = time.perf_counter()
-    fraction = check_fraction(fraction)
+    fraction = check_fraction("fraction", fraction)
     input_shape = _input_shape(model, input_shape, example_inputs)
     example_inputs = example_inputs_for(model, example_inputs, input_shape)
     groups = channel_groups(model, example_inputs, residual=residual)

@@ -30,17 +30,11 @@ from torch import nn
 
 from chita_minimal.network.params import owners
 from chita_minimal.report import Report
-from chita_minimal.utils import renamed
+from chita_minimal.utils import check_fraction, renamed
 
 
 # -----------------------------------------------------------------------------
 # one layer
-
-
-def _check_fraction(c) -> float:
-    if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.0 < c < 1.0:
-        raise ValueError(f"fraction must be a number in (0, 1), got {c!r}")
-    return float(c)
 
 
 def _group_mats(W: torch.Tensor, groups: int) -> list[torch.Tensor]:
@@ -178,7 +172,7 @@ def allocate_ranks(model: nn.Module, fraction: float, names=None, groups: int | 
 
     Raises ValueError if the budget cannot be met even with rank 1 everywhere.
     """
-    c = _check_fraction(fraction)
+    c = check_fraction("fraction", fraction)
     layers = _layers(model, names, groups)
     errs = {n: _errors(m.weight, j) for n, (m, j) in layers.items()}  # (r_max,) non-increasing each
     dense = {n: _params(m, None) for n, (m, _) in layers.items()}

@@ -41,7 +41,7 @@ from torch import nn
 from chita_minimal.registry import OptionError, Options, Registry  # noqa: F401 (OptionError: part of this API)
 from chita_minimal.structure import channels
 from chita_minimal.structure.graph import channel_groups, example_inputs_for
-from chita_minimal.utils import check_choice, check_int, check_number
+from chita_minimal.utils import check_choice, check_fraction, check_int, check_number
 
 # shrink's own arguments: a structure method's options must not take these names
 SHRINK_ARGUMENTS = ("budget", "residual", "example_inputs", "input_shape", "seed")
@@ -113,7 +113,7 @@ def shrink(model: nn.Module, data=None, fraction: float = 0.5, method="l1", *, b
     removed, measured on the small model.
     """
     t0 = time.perf_counter()
-    fraction = channels.check_fraction(fraction)
+    fraction = check_fraction("fraction", fraction)
     check_choice("budget", budget, channels.BUDGETS)
     if not isinstance(residual, bool):
         raise TypeError(f"residual must be a bool, got {type(residual).__name__}")

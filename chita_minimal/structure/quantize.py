@@ -34,17 +34,12 @@ import torch
 from torch import nn
 
 from chita_minimal.network.fisher import prepared
-from chita_minimal.methods.layerwise import (calibration_hessians, check_matrix, inverse_hessian_factor, layer_modules,
+from chita_minimal.methods.layerwise import (calibration_hessians, inverse_hessian_factor, layer_modules,
                                              reconstruction_error, sparsegpt_layer)
 from chita_minimal.report import Report
+from chita_minimal.solver.problem import check_tensor
 from chita_minimal.utils import check_int as _check_int
 from chita_minimal.utils import check_sparsity, renamed
-
-
-def _check_bits(bits) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
-        raise ValueError(f"bits must be an int in [2, 16], got {bits!r}")
-    return bits
 
 
 # -----------------------------------------------------------------------------
@@ -60,8 +55,8 @@ def quant_grid(W: torch.Tensor, bits: int, per_channel: bool = True,
     and zero = 2^(bits−1). An all-zero row gets the range [−1, 1]. The zero point is an integer (as
     a float), so q = zero gives exactly 0.
     """
-    check_matrix("W", W)
-    maxq = 2 ** _check_bits(bits) - 1
+    check_tensor("W", W, 2)
+    maxq = 2 ** _check_int("bits", bits, low=2, high=16) - 1
     W = W.detach()
     dt = torch.float64 if W.dtype == torch.float64 else torch.float32
     X = W.to(dt) if per_channel else W.to(dt).reshape(1, -1)
@@ -81,7 +76,7 @@ def quant_grid(W: torch.Tensor, bits: int, per_channel: bool = True,
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """The grid value scale·(clamp(round(w/scale) + zero, 0, 2^bits − 1) − zero), dequantized (broadcasts)."""
-    maxq = 2 ** _check_bits(bits) - 1
+    maxq = 2 ** _check_int("bits", bits, low=2, high=16) - 1
     q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
     return scale * (q - zero)
 
@@ -115,9 +110,9 @@ def obq_layer(W: torch.Tensor, H: torch.Tensor, bits: int, *, percdamp: float = 
     Returns:
         Q (rows, cols) in W's dtype.
     """
-    check_matrix("W", W)
-    check_matrix("H", H)
-    _check_bits(bits)
+    check_tensor("W", W, 2)
+    check_tensor("H", H, 2)
+    _check_int("bits", bits, low=2, high=16)
     rows, cols = W.shape
     if H.shape != (cols, cols):
         raise ValueError(f"H must have shape ({cols}, {cols}) to match W {tuple(W.shape)}, got {tuple(H.shape)}")
@@ -212,7 +207,7 @@ def quantize_model(model: nn.Module, dataset, bits: int, *, method: str = "obq",
     Returns a :class:`QuantReport`.
     """
     t0 = time.perf_counter()
-    _check_bits(bits)
+    _check_int("bits", bits, low=2, high=16)
     if method not in ("obq", "rtn"):
         raise ValueError(f"method must be 'obq' or 'rtn', got {method!r}")
     if sparsity is not None:

@@ -68,7 +68,7 @@ from chita_minimal.network.measure import latency as _latency
 from chita_minimal.structure import channels as structured
 from chita_minimal.structure.graph import example_inputs_for
 from chita_minimal.utils import check_int as _int
-from chita_minimal.utils import check_number, renamed
+from chita_minimal.utils import check_fraction, check_number, renamed
 
 COSTS = ("flops", "latency")
 
@@ -199,7 +199,7 @@ def knapsack_keep(importance: dict, costs: dict, fraction: float, *, total: floa
     Returns group → bool mask (C_g,) on the CPU, True = kept. ValueError if even one channel per
     group does not fit. ``budget_fraction`` is the deprecated old name of ``fraction``.
     """
-    fraction = check_number("fraction", fraction, 0, 1, low_open=True, high_open=True)
+    fraction = check_fraction("fraction", fraction)
     resolution = _int("resolution", resolution)
     if not isinstance(importance, dict) or not importance:
         raise TypeError("importance must be a non-empty dict group name -> (channels,) tensor")
@@ -383,7 +383,7 @@ def ramp_target(step: int, total: int, fraction: float, ramp: float) -> float:
     ``ramp=0``: the whole fraction from the first step.
     """
     step, total = _int("step", step, 0), _int("total", total)
-    fraction = structured.check_fraction(fraction)
+    fraction = check_fraction("fraction", fraction)
     ramp = check_number("ramp", ramp, 0, 1)
     T = ramp * total
     return fraction if step >= T else fraction * (1 - (1 - step / T) ** 3)
@@ -467,7 +467,7 @@ def smcp_train(model: nn.Module, train_dataset, fraction: float, epochs: int, *,
     data set set ``bn.momentum = None`` first, so the statistics are the exact average rather than
     a few momentum steps from the reset values).
     """
-    fraction = structured.check_fraction(fraction)
+    fraction = check_fraction("fraction", fraction)
     input_shape = _shape(model, input_shape, example_inputs)
     example_inputs = example_inputs_for(model, example_inputs, input_shape)
     groups = structured.channel_groups(model, example_inputs)  # TypeError for untraceable models

@@ -146,8 +146,9 @@ def test_compress_with_groups_reports_and_runs():
 
 def test_errors():
     net = _Net()
-    for c in [0, 1, 1.5, -0.1, True, "0.5"]:
-        with pytest.raises(ValueError, match="fraction"):
+    for c, error in [(0, ValueError), (1, ValueError), (1.5, ValueError), (-0.1, ValueError),
+                     (float("nan"), ValueError), (True, TypeError), ("0.5", TypeError)]:
+        with pytest.raises(error, match="fraction"):
             allocate_ranks(net, c)
     bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     with pytest.raises(ValueError, match=r"'1.weight'.*BatchNorm2d"):
