@@ -88,25 +88,28 @@ def run_block(block: nn.Module, inputs: list[tuple[torch.Tensor, dict]]) -> list
 
 class InputStatistics:
     """Forward pre-hooks that accumulate Σ xxᵀ (kind "gram") or Σ x² (any other kind, e.g. "norms") of each
-    layer's inputs over the calibration tokens. Layers fed the same tensor (q/k/v, gate/up) share one product."""
+    layer's inputs over the calibration tokens. Layers fed the same tensor (q/k/v, gate/up) share one product.
+
+    "The same tensor" is the same tensor object, unchanged since (its version counter), held here until the next
+    input arrives — not the same memory address: a freed activation's address is reused by the allocator for the
+    next one of the same shape (the next batch's q/k/v input, or o_proj's input after q/k/v's), and a product
+    keyed on the address was then taken for a tensor it was not computed from, at random."""
 
     def __init__(self, layers: dict[str, nn.Module], kind: str):
-        self.kind, self.sums, self.counts, self._last = kind, {}, {}, (None, None)
+        self.kind, self.sums, self.counts, self._last = kind, {}, {}, (None, -1, None)
         self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in layers.items()]
 
     def _hook(self, name):
         def pre(module, args):
-            x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1])
-            key = (x.data_ptr(), tuple(x.shape))
-            if self._last[0] == key:
-                s = self._last[1]
-            else:
+            seen, version, s = self._last
+            if seen is not args[0] or version != args[0]._version:
+                x = args[0].detach()
+                x = x.reshape(-1, x.shape[-1])
                 x = x.float() if x.dtype not in (torch.float32, torch.float64) else x
                 s = (x.T @ x if self.kind == "gram" else (x * x).sum(0)).to(torch.float64)
-                self._last = (key, s)
+                self._last = (args[0], args[0]._version, s)
             self.sums[name] = self.sums[name] + s if name in self.sums else s.clone()
-            self.counts[name] = self.counts.get(name, 0) + x.shape[0]
+            self.counts[name] = self.counts.get(name, 0) + args[0].numel() // args[0].shape[-1]
         return pre
 
     def pop(self, name) -> torch.Tensor:
@@ -115,7 +118,7 @@ class InputStatistics:
     def remove(self):
         for h in self.handles:
             h.remove()
-        self._last = (None, None)
+        self._last = (None, -1, None)
 
 
 def block_statistics(block: nn.Module, inputs, layers: dict[str, nn.Module], kind: str) -> InputStatistics:

@@ -159,6 +159,32 @@ def test_sequential_calibration_sees_the_pruned_prefix():
             assert torch.allclose(seen[i], grams[n] / N, rtol=1e-4, atol=1e-6), n
 
 
+def test_input_statistics_share_a_product_only_for_the_same_unchanged_tensor():
+    """Layers fed the same tensor share one product; a different tensor at the same address (the allocator reuses a
+    freed activation's memory for the next one of the same shape) or the same tensor changed in place gets its own.
+    Keyed on the address, the statistics took the previous input's product at random, and layer-wise pruning of a
+    language model was not reproducible from one run to the next."""
+    torch.manual_seed(0)
+    layers = {n: torch.nn.Linear(8, 4) for n in ("q", "k", "o", "up")}
+    stats = sequential.InputStatistics(layers, "gram")
+    buf = torch.randn(2, 16, 8)
+    x1 = buf.view(32, 8)
+    layers["q"](x1)
+    layers["k"](x1)  # the same tensor: one product
+    first = x1.clone()
+    buf.copy_(torch.randn(2, 16, 8))
+    x2 = buf.view(32, 8)  # a new tensor at the same address, same shape
+    assert x2.data_ptr() == x1.data_ptr()
+    layers["o"](x2)
+    x2.mul_(3.0)  # the same tensor, changed in place
+    layers["up"](x2)
+    stats.remove()
+    gram = lambda x: (x.T.double() @ x.double()) / x.shape[0]  # noqa: E731
+    assert torch.allclose(stats.pop("q"), gram(first)) and torch.allclose(stats.pop("k"), gram(first))
+    assert torch.allclose(stats.pop("o"), gram(x2 / 3.0))
+    assert torch.allclose(stats.pop("up"), gram(x2))
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(sparsity=1.2), "sparsity"),
     (dict(pattern="3:7"), "divisible|3:7|pattern"),
