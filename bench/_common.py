@@ -18,3 +18,17 @@ def write_table(rows: list[dict], out, device_type: str = "cpu") -> Path:
         writer.writerows(rows)
     print(f"wrote {out}")
     return out
+
+
+def smollm2_wikitext(n_eval: int, length: int):
+    """The language-model chapter's model and data: SmolLM2-135M-Instruct (fp32, eval mode), its tokenizer, the
+    WikiText-2 *valid* text (draw the calibration windows from it: ``token_windows(valid, tok, windows, length,
+    seed=...)``) and the first ``n_eval`` non-overlapping ``length``-token windows of *test*."""
+    import chita_minimal as cm
+    from chita_minimal.data.text import token_windows
+
+    model = cm.models.load_pretrained("smollm2-135m")
+    tok = cm.models.load_tokenizer("smollm2-135m")
+    valid = cm.data.load("wikitext-2", "valid")
+    test = token_windows(cm.data.load("wikitext-2", "test"), tok, n_eval, length, random=False)
+    return model, tok, valid, test

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_table  # noqa: E402
+from _common import smollm2_wikitext, write_table  # noqa: E402
 
 METHODS = ("sparsegpt", "mp-layer", "wanda", "alps", "chita-layer")
 
@@ -35,10 +35,8 @@ def child(method: str, sparsity: float, windows: int, length: int, n_eval: int) 
     from chita_minimal.network.language import perplexity
 
     torch.manual_seed(0)
-    model = cm.models.load_pretrained("smollm2-135m")
-    tok = cm.models.load_tokenizer("smollm2-135m")
-    calib = token_windows(cm.data.load("wikitext-2", "valid"), tok, windows, length, seed=0)
-    test = token_windows(cm.data.load("wikitext-2", "test"), tok, n_eval, length, random=False)
+    model, tok, valid, test = smollm2_wikitext(n_eval, length)
+    calib = token_windows(valid, tok, windows, length, seed=0)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
     report = cm.prune(model, calib, sparsity, method=method)

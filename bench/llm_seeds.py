@@ -20,12 +20,16 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import smollm2_wikitext, write_table  # noqa: E402
+
 METHODS = {"alps": "ALPS", "chita-layer": "CHITA (layer-wise)"}
 OUT = Path(__file__).resolve().parents[1] / "data" / "bench" / "llm_seeds.csv"
-FIELDS = ["setting", "seed", "method", "perplexity", "seconds", "threads", "windows", "length", "eval_windows"]
+ORDER = {"0.5": 0, "0.6": 1, "0.7": 2, "0.8": 3, "2:4": 4}
 
 
 def read(path: Path) -> list[dict]:
@@ -36,13 +40,9 @@ def read(path: Path) -> list[dict]:
 
 
 def write(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    order = {"0.5": 0, "0.6": 1, "0.7": 2, "0.8": 3, "2:4": 4}
-    rows = sorted(rows, key=lambda r: (order.get(r["setting"], 9), r["setting"], int(r["seed"]), r["method"]))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    """Write the rows by setting (in the chapter's order), seed and method."""
+    write_table(sorted(rows, key=lambda r: (ORDER.get(r["setting"], 9), r["setting"], int(r["seed"]), r["method"])),
+                path)
 
 
 def summary(rows: list[dict]) -> list[str]:
@@ -87,10 +87,7 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    dense = cm.models.load_pretrained("smollm2-135m")
-    tok = cm.models.load_tokenizer("smollm2-135m")
-    valid = cm.data.load("wikitext-2", "valid")
-    test = token_windows(cm.data.load("wikitext-2", "test"), tok, a.eval, a.length, random=False)
+    dense, tok, valid, test = smollm2_wikitext(a.eval, a.length)
     names = [n for layers in block_layers(dense) for n in layers]
     for setting in a.settings:
         sparsity, pattern = (0.5, setting) if ":" in setting else (float(setting), None)
@@ -109,7 +106,6 @@ def main():
                 rows = [r for r in read(out) if (r["setting"], r["seed"], r["method"]) != (setting, str(seed), method)]
                 write(rows + [{k: str(v) for k, v in row.items()}], out)
     print("\n".join(summary(read(out))))
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

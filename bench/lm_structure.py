@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_table  # noqa: E402
+from _common import smollm2_wikitext, write_table  # noqa: E402
 
 METHODS = ("lm-magnitude", "lm-wanda", "lm-taylor", "lm-chita")
 
@@ -56,10 +56,8 @@ def main():
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "data" / "bench" / "lm_structure.csv"))
     a = ap.parse_args()
     torch.manual_seed(0)
-    dense = cm.models.load_pretrained("smollm2-135m")
-    tok = cm.models.load_tokenizer("smollm2-135m")
-    calib = token_windows(cm.data.load("wikitext-2", "valid"), tok, a.windows, a.length, seed=0)
-    test = token_windows(cm.data.load("wikitext-2", "test"), tok, a.eval, a.length, random=False)
+    dense, tok, valid, test = smollm2_wikitext(a.eval, a.length)
+    calib = token_windows(valid, tok, a.windows, a.length, seed=0)
     speed_ids = test.ids[:4]  # 4 × length tokens per prefill pass
     dense_ppl = perplexity(dense, test)
     speed = [throughput(dense, speed_ids)]
