@@ -1,0 +1,96 @@
+"""The ridge λ = percdamp·mean(diag H) of ALPS and layer-wise CHITA, chosen on held-out WikiText-2 *valid* tokens.
+
+    python bench/llm_ridge.py                                          # 70 and 80 %, λ 0.0025 0.005 0.01
+    python bench/llm_ridge.py --settings 0.8 --methods alps --percdamp 0.02
+
+Both solvers minimise the damped layer objective tr((W − Ŵ)(H + λI)(W − Ŵ)ᵀ) with ALPS's published ridge
+percdamp = 0.01 by default. The ridge is a modelling choice, not part of either search, and the test split must not
+choose it: here the WikiText-2 valid tokens are cut in two, the calibration windows (64 × 512, seeded) are drawn
+from the first 80 % and the perplexity is measured on the first ``--eval`` non-overlapping 512-token windows of the
+last 20 % — tokens no calibration window touches. Everything else is the language-model chapter's protocol.
+
+Rows go to data/bench/llm_ridge.csv after every run (a row of the same setting, method and percdamp is replaced);
+at the end, per setting and method: held-out perplexity per percdamp and the best one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import smollm2_wikitext, write_table  # noqa: E402
+
+OUT = Path(__file__).resolve().parents[1] / "data" / "bench" / "llm_ridge.csv"
+
+
+def read(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """Per (setting, method): held-out perplexity at each percdamp, and the percdamp with the lowest."""
+    lines = []
+    for key in dict.fromkeys((r["setting"], r["method"]) for r in rows):
+        got = sorted((float(r["percdamp"]), float(r["perplexity"])) for r in rows if (r["setting"], r["method"]) == key)
+        best = min(got, key=lambda t: t[1])[0]
+        lines.append(f"{key[0]:<5} {key[1]:<12} " + "  ".join(f"{p:g}: {v:.2f}" for p, v in got) + f"   best {best:g}")
+    return lines
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--settings", nargs="+", default=["0.7", "0.8"])
+    ap.add_argument("--methods", nargs="+", default=["alps", "chita-layer"], choices=["alps", "chita-layer"])
+    ap.add_argument("--percdamp", nargs="+", type=float, default=[0.0025, 0.005, 0.01])
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--length", type=int, default=512)
+    ap.add_argument("--eval", type=int, default=40)
+    ap.add_argument("--heldout", type=float, default=0.2, help="share of the valid tokens held out for evaluation")
+    ap.add_argument("--out", default=str(OUT))
+    a = ap.parse_args()
+    out = Path(a.out)
+
+    import torch
+
+    import chita_minimal as cm
+    from chita_minimal.data.text import token_windows, tokenize
+    from chita_minimal.network.language import perplexity
+    from chita_minimal.network.sequential import block_layers
+
+    torch.manual_seed(0)
+    dense, tok, valid, _ = smollm2_wikitext(1, a.length)
+    ids = tokenize(valid, tok).reshape(-1)
+    cut = int(ids.numel() * (1 - a.heldout))
+    calib = token_windows(ids[:cut], n=a.windows, length=a.length, seed=0)
+    heldout = token_windows(ids[cut:], n=a.eval, length=a.length, random=False)
+    names = [n for layers in block_layers(dense) for n in layers]
+    for setting in a.settings:
+        sparsity, pattern = (0.5, setting) if ":" in setting else (float(setting), None)
+        for method in a.methods:
+            for pd in a.percdamp:
+                model = copy.deepcopy(dense)
+                t = time.perf_counter()
+                cm.prune(model, calib, sparsity, method, pattern=pattern, names=names, percdamp=pd)
+                seconds = time.perf_counter() - t
+                row = dict(setting=setting, method=method, percdamp=pd,
+                           perplexity=round(perplexity(model, heldout), 4), seconds=round(seconds, 1),
+                           threads=torch.get_num_threads(), windows=a.windows, length=a.length,
+                           eval_windows=a.eval, calibration_tokens=cut, heldout_tokens=ids.numel() - cut)
+                del model
+                print(row, flush=True)
+                key = (setting, method, str(pd))
+                rows = [r for r in read(out) if (r["setting"], r["method"], r["percdamp"]) != key]
+                write_table(rows + [{k: str(v) for k, v in row.items()}], out)
+    print("\n".join(summary(read(out))))
+
+
+if __name__ == "__main__":
+    main()
