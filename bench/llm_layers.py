@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import smollm2_wikitext, write_table  # noqa: E402
+from _common import smollm2_wikitext, split_valid, write_table  # noqa: E402
 
 METHODS = ["sparsegpt", "alps", "chita-layer"]
 OUT = Path(__file__).resolve().parents[1] / "data" / "bench" / "llm_layers.csv"
@@ -56,16 +56,20 @@ def main():
     import torch
 
     import chita_minimal as cm
-    from chita_minimal.data.text import token_windows, tokenize
     from chita_minimal.solver.layer import damp, layer_error
     from chita_minimal.solver.problem import num_kept
 
     torch.manual_seed(0)
-    model, tok, valid, _ = smollm2_wikitext(1, 512)
-    ids = tokenize(valid, tok).reshape(-1)
-    cut = int(ids.numel() * 0.8)
-    calib = dense_grams(model, token_windows(ids[:cut], n=64, length=512, seed=0), set(a.blocks))
-    held = dense_grams(model, token_windows(ids[cut:], n=40, length=512, random=False), set(a.blocks))
+    model, tok, valid, _ = smollm2_wikitext(None, 512)
+    calib_windows, held_windows, _, _ = split_valid(valid, tok, 64, 40, 512)
+    calib = dense_grams(model, calib_windows, set(a.blocks))
+    held = dense_grams(model, held_windows, set(a.blocks))
+    # per layer: the Grams each error is measured on (damped with the solvers' default ridge, calibration, held
+    # out) and the error of the all-zero layer on each, computed once for every setting and method
+    refs = {}
+    for layer, (W, H) in calib.items():
+        grams = (damp(H.double(), 0.01).float(), H, held[layer][1])
+        refs[layer] = [(G, layer_error(W, torch.zeros_like(W), G)) for G in grams]
     methods = {name: cm.methods.get(name) for name in METHODS}
     rows = []
     for setting in a.settings:
@@ -79,11 +83,7 @@ def main():
                 Wp, mask = method.prune_layer(W, H, k, pattern)
                 seconds += time.perf_counter() - t
                 Wp = Wp * mask
-                Hd = damp(H.double(), 0.01).float()
-                zero = torch.zeros_like(W)
-                err.append([layer_error(W, Wp, Hd) / layer_error(W, zero, Hd),
-                            layer_error(W, Wp, H) / layer_error(W, zero, H),
-                            layer_error(W, Wp, held[layer][1]) / layer_error(W, zero, held[layer][1])])
+                err.append([layer_error(W, Wp, G) / base for G, base in refs[layer]])
             res[name] = (seconds, torch.tensor(err, dtype=torch.float64))
         for name, (seconds, err) in res.items():
             vs_alps = err / res["alps"][1]

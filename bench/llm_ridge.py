@@ -17,22 +17,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import smollm2_wikitext, write_table  # noqa: E402
+from _common import read_table, smollm2_wikitext, split_valid, write_table  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "data" / "bench" / "llm_ridge.csv"
-
-
-def read(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def summary(rows: list[dict]) -> list[str]:
@@ -61,16 +53,12 @@ def main():
     import torch
 
     import chita_minimal as cm
-    from chita_minimal.data.text import token_windows, tokenize
     from chita_minimal.network.language import perplexity
     from chita_minimal.network.sequential import block_layers
 
     torch.manual_seed(0)
-    dense, tok, valid, _ = smollm2_wikitext(1, a.length)
-    ids = tokenize(valid, tok).reshape(-1)
-    cut = int(ids.numel() * (1 - a.heldout))
-    calib = token_windows(ids[:cut], n=a.windows, length=a.length, seed=0)
-    heldout = token_windows(ids[cut:], n=a.eval, length=a.length, random=False)
+    dense, tok, valid, _ = smollm2_wikitext(None, a.length)
+    calib, heldout, n_calib, n_held = split_valid(valid, tok, a.windows, a.eval, a.length, a.heldout)
     names = [n for layers in block_layers(dense) for n in layers]
     for setting in a.settings:
         sparsity, pattern = (0.5, setting) if ":" in setting else (float(setting), None)
@@ -83,13 +71,13 @@ def main():
                 row = dict(setting=setting, method=method, percdamp=pd,
                            perplexity=round(perplexity(model, heldout), 4), seconds=round(seconds, 1),
                            threads=torch.get_num_threads(), windows=a.windows, length=a.length,
-                           eval_windows=a.eval, calibration_tokens=cut, heldout_tokens=ids.numel() - cut)
+                           eval_windows=a.eval, calibration_tokens=n_calib, heldout_tokens=n_held)
                 del model
                 print(row, flush=True)
                 key = (setting, method, str(pd))
-                rows = [r for r in read(out) if (r["setting"], r["method"], r["percdamp"]) != key]
+                rows = [r for r in read_table(out) if (r["setting"], r["method"], r["percdamp"]) != key]
                 write_table(rows + [{k: str(v) for k, v in row.items()}], out)
-    print("\n".join(summary(read(out))))
+    print("\n".join(summary(read_table(out))))
 
 
 if __name__ == "__main__":

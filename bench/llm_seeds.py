@@ -19,24 +19,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import smollm2_wikitext, write_table  # noqa: E402
+from _common import read_table, smollm2_wikitext, write_table  # noqa: E402
 
 METHODS = {"alps": "ALPS", "chita-layer": "CHITA (layer-wise)"}
 OUT = Path(__file__).resolve().parents[1] / "data" / "bench" / "llm_seeds.csv"
 ORDER = {"0.5": 0, "0.6": 1, "0.7": 2, "0.8": 3, "2:4": 4}
-
-
-def read(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def write(rows: list[dict], path: Path) -> None:
@@ -103,9 +95,9 @@ def main():
                            length=a.length, eval_windows=a.eval)
                 del model
                 print(row, flush=True)
-                rows = [r for r in read(out) if (r["setting"], r["seed"], r["method"]) != (setting, str(seed), method)]
+                rows = [r for r in read_table(out) if (r["setting"], r["seed"], r["method"]) != (setting, str(seed), method)]
                 write(rows + [{k: str(v) for k, v in row.items()}], out)
-    print("\n".join(summary(read(out))))
+    print("\n".join(summary(read_table(out))))
 
 
 if __name__ == "__main__":
