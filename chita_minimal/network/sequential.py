@@ -8,8 +8,11 @@ see :class:`chita_minimal.methods.layer_method.LayerMethod`. This module does th
 
 1. the inputs of the first decoder block are captured on the calibration windows (one forward of the
    embeddings, stopped at the block; its keyword arguments — masks, rotary embeddings — are kept);
-2. for each block i in order: hooks on its linear maps accumulate the statistic while the block runs on its
-   inputs (the outputs of the already pruned blocks < i); every linear map of the block is pruned; the pruned
+2. for each block i in order, on its inputs (the outputs of the already pruned blocks < i), stage after stage of
+   the block's forward pass (:func:`layer_stages` — Llama: q/k/v, then o, then gate/up, then down): hooks on the
+   stage's maps accumulate the statistic while the block runs up to them, and the stage is pruned, so that every
+   map is calibrated on the outputs of the pruned maps before it in its block too (GPTQ's "true sequential";
+   ``true_sequential=False``: every map of the block on one pass of the block before it is pruned); the pruned
    block runs again and its outputs become block i + 1's inputs.
 
 Memory: one block's activations for the calibration windows (n × T × hidden, twice) and the statistics of
@@ -121,24 +124,72 @@ class InputStatistics:
         self._last = (None, -1, None)
 
 
-def block_statistics(block: nn.Module, inputs, layers: dict[str, nn.Module], kind: str) -> InputStatistics:
+def block_statistics(block: nn.Module, inputs, layers: dict[str, nn.Module], kind: str,
+                     stop_after: nn.Module | None = None) -> InputStatistics:
     """One pass of ``block`` over the calibration ``inputs`` with :class:`InputStatistics` hooks on ``layers``
-    (``kind`` "gram" for Σ xxᵀ, else Σ x²); the hooks are removed afterwards, the statistics stay (``.pop(name)``)."""
+    (``kind`` "gram" for Σ xxᵀ, else Σ x²), ended at the input of ``stop_after`` when given (the rest of the block
+    is not needed); the hooks are removed afterwards, the statistics stay (``.pop(name)``)."""
     stats = InputStatistics(layers, kind)
+
+    def stop(module, args):
+        raise _Stop
+
+    handle = None if stop_after is None else stop_after.register_forward_pre_hook(stop)
     try:
-        run_block(block, inputs)
+        with torch.no_grad():
+            for x, kw in inputs:
+                try:
+                    block(x, **kw)
+                except _Stop:
+                    pass
     finally:
         stats.remove()
+        if handle is not None:
+            handle.remove()
     return stats
 
 
+def layer_stages(block: nn.Module, inputs, layers: dict[str, nn.Module]) -> list[dict[str, nn.Module]]:
+    """``layers`` grouped into the stages of the block's forward pass, in call order: the maps that read one and the
+    same tensor form a stage (Llama: q/k/v, o, gate/up, down; GPT-2: c_attn, attn.c_proj, c_fc, mlp.c_proj).
+    Found on the first batch of ``inputs``; a map the pass never calls is a ValueError naming it."""
+    calls = []
+
+    def hook(name):
+        def pre(module, args):
+            if all(n != name for n, _, _ in calls):
+                calls.append((name, args[0], args[0]._version))
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]
+    try:
+        run_block(block, inputs[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in layers if all(n != c for c, _, _ in calls)]
+    if missing:
+        raise ValueError(f"the decoder block's forward pass does not call {', '.join(missing[:3])}: "
+                         "exclude it via names")
+    stages, last = [], (None, -1)
+    for name, x, version in calls:
+        if x is not last[0] or version != last[1]:
+            stages.append({})
+            last = (x, version)
+        stages[-1][name] = layers[name]
+    return stages
+
+
 def prune_blocks(model: nn.Module, windows, method, *, sparsity: float | None = None, pattern=None, names=None,
-                 batch_size: int = 8, device=None, progress: bool = False, layer_error: bool = True):
+                 batch_size: int = 8, device=None, progress: bool = False, layer_error: bool = True,
+                 true_sequential: bool = True):
     """Prune every linear map of the decoder blocks in place with ``method.prune_layer``, block after block.
 
     windows: (n, T) token ids (a LongTensor or a dataset of windows), the calibration set as given (None for a
     method whose statistic is None); sparsity: per layer (each layer keeps round((1 − s)·numel) weights), or
-    pattern (n, m); names: the weights to prune (default: all Linear / Conv1D maps inside the decoder blocks).
+    pattern (n, m); names: the weights to prune (default: all Linear / Conv1D maps inside the decoder blocks);
+    true_sequential: each map calibrated on the pruned maps before it in its block (default), else all maps of a
+    block on one pass of the block as it was before pruning.
 
     Returns (masks {name: bool (out_stored, in_stored) on the CPU}, info) with info = {"seconds": {...},
     "layer_error": {name: f(Ŵ)/f(0) on the layer's calibration Gram} (statistic "gram" only)}.
@@ -160,25 +211,29 @@ def prune_blocks(model: nn.Module, windows, method, *, sparsity: float | None = 
         inputs = capture_inputs(model, ids, batch_size, dev)
         seconds["calibration"] += time.perf_counter() - t
     for i in tqdm(range(len(blocks)), desc=f"{method.name} blocks", disable=not progress, leave=False):
-        layers = per_block[i]
-        stats = None
-        if statistic is not None and layers:
+        stages = [per_block[i]]
+        if statistic is not None and per_block[i] and true_sequential:
+            stages = layer_stages(blocks[i], inputs, per_block[i])
+        for layers in stages:
+            stats = None
+            if statistic is not None and layers:
+                t = time.perf_counter()
+                last = list(layers.values())[-1] if len(stages) > 1 else None  # stages are in call order
+                stats = block_statistics(blocks[i], inputs, layers, statistic, stop_after=last)
+                seconds["calibration"] += time.perf_counter() - t
             t = time.perf_counter()
-            stats = block_statistics(blocks[i], inputs, layers, statistic)
-            seconds["calibration"] += time.perf_counter() - t
-        t = time.perf_counter()
-        for name, m in layers.items():
-            W = weight_matrix(m).detach()
-            stat = None if stats is None else stats.pop(name).to(W.device)
-            k = None if pattern is not None else num_kept(sparsity, W.numel())
-            Wp, mask = method.prune_layer(W.float(), stat, k, pattern)
-            Wp = torch.where(mask, Wp, torch.zeros((), dtype=Wp.dtype, device=Wp.device))
-            if layer_error and statistic == "gram":
-                base = reconstruction_error(W.float(), torch.zeros_like(W, dtype=torch.float32), stat)
-                errors[name] = reconstruction_error(W.float(), Wp.float(), stat) / base if base > 0 else 0.0
-            set_weight_matrix(m, Wp.to(m.weight.dtype))
-            masks[name] = (mask.T if is_conv1d(m) else mask).cpu()
-        seconds["solve"] += time.perf_counter() - t
+            for name, m in layers.items():
+                W = weight_matrix(m).detach()
+                stat = None if stats is None else stats.pop(name).to(W.device)
+                k = None if pattern is not None else num_kept(sparsity, W.numel())
+                Wp, mask = method.prune_layer(W.float(), stat, k, pattern)
+                Wp = torch.where(mask, Wp, torch.zeros((), dtype=Wp.dtype, device=Wp.device))
+                if layer_error and statistic == "gram":
+                    base = reconstruction_error(W.float(), torch.zeros_like(W, dtype=torch.float32), stat)
+                    errors[name] = reconstruction_error(W.float(), Wp.float(), stat) / base if base > 0 else 0.0
+                set_weight_matrix(m, Wp.to(m.weight.dtype))
+                masks[name] = (mask.T if is_conv1d(m) else mask).cpu()
+            seconds["solve"] += time.perf_counter() - t
         if statistic is not None and i + 1 < len(blocks):
             t = time.perf_counter()
             inputs = run_block(blocks[i], inputs)

@@ -122,10 +122,11 @@ def test_wanda_equals_its_formula():
     assert torch.equal(Wp, W * mask)
 
 
-def test_sequential_calibration_sees_the_pruned_prefix():
-    """The Gram matrix the driver hands block i's first layers equals that of a direct forward pass through the
-    final pruned model (blocks < i pruned, and block i's first maps read the block input)."""
-    model = tiny("llama")
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_sequential_calibration_sees_the_pruned_prefix(arch):
+    """The Gram matrix the driver hands every layer equals that of a direct forward pass through the final pruned
+    model: blocks < i pruned, and within block i the maps before it (true sequential)."""
+    model = tiny(arch)
     data = windows(4, 12)
     seen = {}
 
@@ -140,10 +141,13 @@ def test_sequential_calibration_sees_the_pruned_prefix():
 
         def prune_layer(self, W, stat, k, pattern):
             seen[len(seen)] = stat.clone()
+            order.append(weight_name[W.data_ptr()])  # the layer's own storage (Conv1D: its transpose)
             return cm.solver.layer.magnitude(W, k)
 
-    sequential.prune_blocks(model, data.ids, Recorder(), sparsity=0.5, batch_size=3)
     names = [n for layers in sequential.block_layers(model) for n in layers]
+    weight_name = {dict(model.named_parameters())[n].data_ptr(): n for n in names}
+    order = []
+    sequential.prune_blocks(model, data.ids, Recorder(), sparsity=0.5, batch_size=3)
     grams = {}
     mods = dict(model.named_modules())
     hooks = [mods[n.rsplit(".", 1)[0]].register_forward_pre_hook(
@@ -154,9 +158,28 @@ def test_sequential_calibration_sees_the_pruned_prefix():
     for h in hooks:
         h.remove()
     N = data.ids.numel()
-    for i, n in enumerate(names):
-        if n.endswith("q_proj.weight"):
-            assert torch.allclose(seen[i], grams[n] / N, rtol=1e-4, atol=1e-6), n
+    assert len(seen) == len(names)
+    for i, n in enumerate(order):
+        assert torch.allclose(seen[i], grams[n] / N, rtol=1e-4, atol=1e-6), n
+
+
+@pytest.mark.parametrize("arch,stages", [
+    ("llama", [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+               ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]),
+    ("opt", [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.out_proj"], ["fc1"], ["fc2"]]),
+    ("gpt2", [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj"]]),
+])
+def test_layer_stages_follow_the_forward_pass(arch, stages):
+    """Maps that read one tensor form a stage, in call order; a map the block never calls is named in the error."""
+    model = tiny(arch)
+    _, blocks = cm.network.language.decoder_blocks(model)
+    layers = sequential.block_layers(model)[0]
+    inputs = sequential.capture_inputs(model, windows(2, 8).ids, 2, "cpu")
+    got = sequential.layer_stages(blocks[0], inputs, layers)
+    assert [[n.split(".0.", 1)[1].removesuffix(".weight") for n in stage] for stage in got] == stages
+    stranger = {**layers, "extra.weight": torch.nn.Linear(4, 4)}
+    with pytest.raises(ValueError, match="extra.weight"):
+        sequential.layer_stages(blocks[0], inputs, stranger)
 
 
 def test_input_statistics_share_a_product_only_for_the_same_unchanged_tensor():
