@@ -9,8 +9,11 @@ choose it: here the WikiText-2 valid tokens are cut in two, the calibration wind
 from the first 80 % and the perplexity is measured on the first ``--eval`` non-overlapping 512-token windows of the
 last 20 % — tokens no calibration window touches. Everything else is the language-model chapter's protocol.
 
-Rows go to data/bench/llm_ridge.csv after every run (a row of the same setting, method and percdamp is replaced);
-at the end, per setting and method: held-out perplexity per percdamp and the best one.
+Rows go to data/bench/llm_ridge.csv after every run (a row of the same driver mode, setting, method and percdamp is
+replaced); at the end, per driver mode, setting and method: held-out perplexity per percdamp and the best one. The
+column ``within_block`` says how the calibration driver treated a decoder block: "true sequential" (each linear map
+on the outputs of the pruned maps before it, the driver's mode since it was chosen on these held-out tokens) or
+"one pass" (rows measured with the driver before that: every map of a block on one pass of the unpruned block).
 """
 
 from __future__ import annotations
@@ -30,10 +33,12 @@ OUT = Path(__file__).resolve().parents[1] / "data" / "bench" / "llm_ridge.csv"
 def summary(rows: list[dict]) -> list[str]:
     """Per (setting, method): held-out perplexity at each percdamp, and the percdamp with the lowest."""
     lines = []
-    for key in dict.fromkeys((r["setting"], r["method"]) for r in rows):
-        got = sorted((float(r["percdamp"]), float(r["perplexity"])) for r in rows if (r["setting"], r["method"]) == key)
+    for key in dict.fromkeys((r["within_block"], r["setting"], r["method"]) for r in rows):
+        got = sorted((float(r["percdamp"]), float(r["perplexity"])) for r in rows
+                     if (r["within_block"], r["setting"], r["method"]) == key)
         best = min(got, key=lambda t: t[1])[0]
-        lines.append(f"{key[0]:<5} {key[1]:<12} " + "  ".join(f"{p:g}: {v:.2f}" for p, v in got) + f"   best {best:g}")
+        lines.append(f"{key[0]:<16} {key[1]:<5} {key[2]:<12} " + "  ".join(f"{p:g}: {v:.2f}" for p, v in got)
+                     + f"   best {best:g}")
     return lines
 
 
@@ -68,14 +73,15 @@ def main():
                 t = time.perf_counter()
                 cm.prune(model, calib, sparsity, method, pattern=pattern, names=names, percdamp=pd)
                 seconds = time.perf_counter() - t
-                row = dict(setting=setting, method=method, percdamp=pd,
+                row = dict(within_block="true sequential", setting=setting, method=method, percdamp=pd,
                            perplexity=round(perplexity(model, heldout), 4), seconds=round(seconds, 1),
                            threads=torch.get_num_threads(), windows=a.windows, length=a.length,
                            eval_windows=a.eval, calibration_tokens=n_calib, heldout_tokens=n_held)
                 del model
                 print(row, flush=True)
-                key = (setting, method, str(pd))
-                rows = [r for r in read_table(out) if (r["setting"], r["method"], r["percdamp"]) != key]
+                key = (row["within_block"], setting, method, str(pd))
+                rows = [r for r in read_table(out)
+                        if (r["within_block"], r["setting"], r["method"], r["percdamp"]) != key]
                 write_table(rows + [{k: str(v) for k, v in row.items()}], out)
     print("\n".join(summary(read_table(out))))
 

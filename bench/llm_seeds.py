@@ -10,9 +10,11 @@ sequential: a weight kept or pruned in an early block changes the inputs of ever
 whose layer errors differ by 1–2 % can trade places from one calibration draw to the next. The mean over seeds is
 the comparison that does not hinge on one draw.
 
-Rows are written to data/bench/llm_seeds.csv after every run; rows of the same (setting, seed, method) already there
-are replaced and the others kept, so the grid can be filled in parts. At the end, per setting: mean, min and max
-perplexity of each method over the seeds in the file, the ratio of the means and on how many seeds CHITA is lower.
+Rows are written to data/bench/llm_seeds.csv after every run; rows of the same (driver mode, setting, seed, method)
+already there are replaced and the others kept, so the grid can be filled in parts. At the end, per driver mode and
+setting: mean, min and max perplexity of each method over the seeds in the file, the ratio of the means and on how
+many seeds CHITA is lower. ``within_block``: "true sequential" (the driver's mode: each linear map on the outputs of
+the pruned maps before it in its block) or "one pass" (rows measured before, every map of a block on one pass).
 """
 
 from __future__ import annotations
@@ -33,16 +35,18 @@ ORDER = {"0.5": 0, "0.6": 1, "0.7": 2, "0.8": 3, "2:4": 4}
 
 def write(rows: list[dict], path: Path) -> None:
     """Write the rows by setting (in the chapter's order), seed and method."""
-    write_table(sorted(rows, key=lambda r: (ORDER.get(r["setting"], 9), r["setting"], int(r["seed"]), r["method"])),
-                path)
+    write_table(sorted(rows, key=lambda r: (r["within_block"], ORDER.get(r["setting"], 9), r["setting"],
+                                            int(r["seed"]), r["method"])), path)
 
 
 def summary(rows: list[dict]) -> list[str]:
-    """Per setting: mean [min, max] perplexity per method, ratio of means CHITA/ALPS, seeds where CHITA is lower."""
-    lines = [f"{'setting':<8} {'seeds':<8} {'ALPS mean [min, max]':<26} {'CHITA mean [min, max]':<26} "
-             f"{'CHITA/ALPS':>10} {'CHITA lower':>12}"]
-    for setting in dict.fromkeys(r["setting"] for r in rows):
-        by = {(r["method"], r["seed"]): float(r["perplexity"]) for r in rows if r["setting"] == setting}
+    """Per driver mode and setting: mean [min, max] perplexity per method, ratio of means CHITA/ALPS, seeds where
+    CHITA is lower."""
+    lines = [f"{'within block':<16} {'setting':<8} {'seeds':<8} {'ALPS mean [min, max]':<26} "
+             f"{'CHITA mean [min, max]':<26} {'CHITA/ALPS':>10} {'CHITA lower':>12}"]
+    for mode, setting in dict.fromkeys((r["within_block"], r["setting"]) for r in rows):
+        by = {(r["method"], r["seed"]): float(r["perplexity"]) for r in rows
+              if (r["within_block"], r["setting"]) == (mode, setting)}
         seeds = sorted({s for (_, s) in by if ("alps", s) in by and ("chita-layer", s) in by}, key=int)
         if not seeds:
             continue
@@ -50,7 +54,7 @@ def summary(rows: list[dict]) -> list[str]:
         c = [by["chita-layer", s] for s in seeds]
         mean_a, mean_c = sum(a) / len(a), sum(c) / len(c)
         lower = sum(ci < ai for ci, ai in zip(c, a))
-        lines.append(f"{setting:<8} {','.join(seeds):<8} {mean_a:>8.2f} [{min(a):.2f}, {max(a):.2f}]{'':<4} "
+        lines.append(f"{mode:<16} {setting:<8} {','.join(seeds):<8} {mean_a:>8.2f} [{min(a):.2f}, {max(a):.2f}]{'':<4} "
                      f"{mean_c:>8.2f} [{min(c):.2f}, {max(c):.2f}]{'':<4} {mean_c / mean_a:>10.3f} "
                      f"{lower:>6} of {len(seeds)}")
     return lines
@@ -90,12 +94,13 @@ def main():
                 t = time.perf_counter()
                 cm.prune(model, calib, sparsity, method, pattern=pattern, names=names)
                 seconds = time.perf_counter() - t
-                row = dict(setting=setting, seed=str(seed), method=method, perplexity=round(perplexity(model, test), 4),
-                           seconds=round(seconds, 1), threads=torch.get_num_threads(), windows=a.windows,
-                           length=a.length, eval_windows=a.eval)
+                row = dict(within_block="true sequential", setting=setting, seed=str(seed), method=method,
+                           perplexity=round(perplexity(model, test), 4), seconds=round(seconds, 1),
+                           threads=torch.get_num_threads(), windows=a.windows, length=a.length, eval_windows=a.eval)
                 del model
                 print(row, flush=True)
-                rows = [r for r in read_table(out) if (r["setting"], r["seed"], r["method"]) != (setting, str(seed), method)]
+                key = (row["within_block"], setting, str(seed), method)
+                rows = [r for r in read_table(out) if (r["within_block"], r["setting"], r["seed"], r["method"]) != key]
                 write(rows + [{k: str(v) for k, v in row.items()}], out)
     print("\n".join(summary(read_table(out))))
 

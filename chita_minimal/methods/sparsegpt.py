@@ -35,7 +35,8 @@ class SparseGPT(LayerMethod):
     name → sparsity. block_size, percdamp: of :func:`~chita_minimal.methods.layerwise.sparsegpt_layer`;
     sequential: calibrate each layer on the outputs of the already pruned layers before it.
     n_samples: calibration samples; on a Hugging Face language model (decoder blocks) the sequential driver of every
-    layer-wise method runs, block by block, on at most 128 windows by default; on other models the default is
+    layer-wise method runs, block by block and within a block map after map (always sequential), on at most 128
+    windows by default; on other models the default is
     n_grads · batch_size (as before the option existed) and ``allocation``/``sequential`` apply.
     """
 
@@ -72,8 +73,9 @@ class SparseGPT(LayerMethod):
     def prune_model(self, model, data, sparsity, settings) -> PruneReport:
         if has_decoder_blocks(model):
             if self.allocation != "uniform" or self.sequential:
-                raise ValueError("on a language model sparsegpt prunes block by block with a uniform allocation; "
-                                 "allocation and sequential apply to other models")
+                raise ValueError("on a language model sparsegpt prunes block by block, each linear map on the "
+                                 "outputs of the pruned maps before it, with a uniform allocation; allocation and "
+                                 "sequential apply to other models")
             return super().prune_model(model, data, sparsity, settings)
         n_samples = self.n_samples or settings.n_grads * settings.batch_size
         pattern = settings.pattern

@@ -213,6 +213,7 @@ def test_input_statistics_share_a_product_only_for_the_same_unchanged_tensor():
     (dict(pattern="3:7"), "divisible|3:7|pattern"),
     (dict(n_samples=99), "n_samples"),
     (dict(names=["lm_head.weight"]), "decoder blocks"),
+    (dict(method="sparsegpt", sequential=True), "sequential apply to other models"),
 ])
 def test_bad_input_clear_error_model_untouched(bad, match):
     model = tiny("llama")
