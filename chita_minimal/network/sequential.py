@@ -89,6 +89,12 @@ def run_block(block: nn.Module, inputs: list[tuple[torch.Tensor, dict]]) -> list
         return [(_hidden(block(x, **kw)), kw) for x, kw in inputs]
 
 
+def _same_tensor(held: tuple, x: torch.Tensor) -> bool:
+    """Whether ``x`` is the tensor ``held`` = (tensor, its version counter then) refers to, unchanged since: the
+    identity of a layer input (see :class:`InputStatistics` for why not its address)."""
+    return held[0] is x and held[1] == x._version
+
+
 class InputStatistics:
     """Forward pre-hooks that accumulate Σ xxᵀ (kind "gram") or Σ x² (any other kind, e.g. "norms") of each
     layer's inputs over the calibration tokens. Layers fed the same tensor (q/k/v, gate/up) share one product.
@@ -104,8 +110,8 @@ class InputStatistics:
 
     def _hook(self, name):
         def pre(module, args):
-            seen, version, s = self._last
-            if seen is not args[0] or version != args[0]._version:
+            s = self._last[2]
+            if not _same_tensor(self._last, args[0]):
                 x = args[0].detach()
                 x = x.reshape(-1, x.shape[-1])
                 x = x.float() if x.dtype not in (torch.float32, torch.float64) else x
@@ -153,12 +159,13 @@ def layer_stages(block: nn.Module, inputs, layers: dict[str, nn.Module]) -> list
     """``layers`` grouped into the stages of the block's forward pass, in call order: the maps that read one and the
     same tensor form a stage (Llama: q/k/v, o, gate/up, down; GPT-2: c_attn, attn.c_proj, c_fc, mlp.c_proj).
     Found on the first batch of ``inputs``; a map the pass never calls is a ValueError naming it."""
-    calls = []
+    calls, last = [], [(None, -1)]  # (name, whether it starts a stage) per first call; the latest input
 
     def hook(name):
         def pre(module, args):
-            if all(n != name for n, _, _ in calls):
-                calls.append((name, args[0], args[0]._version))
+            if all(n != name for n, _ in calls):
+                calls.append((name, not _same_tensor(last[0], args[0])))
+                last[0] = (args[0], args[0]._version)
         return pre
 
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]
@@ -167,15 +174,14 @@ def layer_stages(block: nn.Module, inputs, layers: dict[str, nn.Module]) -> list
     finally:
         for h in handles:
             h.remove()
-    missing = [n for n in layers if all(n != c for c, _, _ in calls)]
+    missing = [n for n in layers if all(n != c for c, _ in calls)]
     if missing:
         raise ValueError(f"the decoder block's forward pass does not call {', '.join(missing[:3])}: "
                          "exclude it via names")
-    stages, last = [], (None, -1)
-    for name, x, version in calls:
-        if x is not last[0] or version != last[1]:
+    stages = []
+    for name, starts in calls:
+        if starts:
             stages.append({})
-            last = (x, version)
         stages[-1][name] = layers[name]
     return stages
 
@@ -218,7 +224,7 @@ def prune_blocks(model: nn.Module, windows, method, *, sparsity: float | None = 
             stats = None
             if statistic is not None and layers:
                 t = time.perf_counter()
-                last = list(layers.values())[-1] if len(stages) > 1 else None  # stages are in call order
+                last = list(layers.values())[-1] if true_sequential else None  # stages are in call order
                 stats = block_statistics(blocks[i], inputs, layers, statistic, stop_after=last)
                 seconds["calibration"] += time.perf_counter() - t
             t = time.perf_counter()
