@@ -15,6 +15,13 @@ def read_table(path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def replace_row(path, row: dict, key: tuple[str, ...]) -> list[dict]:
+    """The rows of the CSV at ``path`` with ``row`` (values as strings) in place of those that agree with it on
+    every column of ``key`` — a grid filled in parts keeps one row per key."""
+    new = {k: str(v) for k, v in row.items()}
+    return [r for r in read_table(path) if any(r.get(c) != new[c] for c in key)] + [new]
+
+
 def write_table(rows: list[dict], out, device_type: str = "cpu") -> Path:
     """Write rows as CSV to ``out`` (``<stem>_<device>.csv`` for a non-CPU device); return the path."""
     out = Path(out)

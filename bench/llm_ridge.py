@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import read_table, smollm2_wikitext, split_valid, write_table  # noqa: E402
+from _common import read_table, replace_row, smollm2_wikitext, split_valid, write_table  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "data" / "bench" / "llm_ridge.csv"
 
@@ -79,10 +79,7 @@ def main():
                            eval_windows=a.eval, calibration_tokens=n_calib, heldout_tokens=n_held)
                 del model
                 print(row, flush=True)
-                key = (row["within_block"], setting, method, str(pd))
-                rows = [r for r in read_table(out)
-                        if (r["within_block"], r["setting"], r["method"], r["percdamp"]) != key]
-                write_table(rows + [{k: str(v) for k, v in row.items()}], out)
+                write_table(replace_row(out, row, ("within_block", "setting", "method", "percdamp")), out)
     print("\n".join(summary(read_table(out))))
 
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import read_table, smollm2_wikitext, write_table  # noqa: E402
+from _common import read_table, replace_row, smollm2_wikitext, write_table  # noqa: E402
 
 METHODS = {"alps": "ALPS", "chita-layer": "CHITA (layer-wise)"}
 OUT = Path(__file__).resolve().parents[1] / "data" / "bench" / "llm_seeds.csv"
@@ -99,9 +99,7 @@ def main():
                            threads=torch.get_num_threads(), windows=a.windows, length=a.length, eval_windows=a.eval)
                 del model
                 print(row, flush=True)
-                key = (row["within_block"], setting, str(seed), method)
-                rows = [r for r in read_table(out) if (r["within_block"], r["setting"], r["seed"], r["method"]) != key]
-                write(rows + [{k: str(v) for k, v in row.items()}], out)
+                write(replace_row(out, row, ("within_block", "setting", "seed", "method")), out)
     print("\n".join(summary(read_table(out))))
 
 

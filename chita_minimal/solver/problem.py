@@ -55,10 +55,12 @@ def num_kept(sparsity: float, p: int) -> int:
 
 
 def check_k(k, p: int) -> int:
+    """``k``, the number of weights kept, as an int in [1, p]; TypeError/ValueError in those words otherwise."""
     if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
+        raise TypeError(f"k (the number of weights kept) must be an int, got {type(k).__name__}")
     if not 1 <= k <= p:
-        raise ValueError(f"k must satisfy 1 <= k <= p = {p}, got k = {k}")
+        raise ValueError(f"k (the number of weights kept) must be between 1 and the number of weights p = {p}, "
+                         f"got k = {k}")
     return k
 
 

@@ -55,9 +55,9 @@ def test_saliency_input_errors():
     for fn in (snip, taylor):
         with pytest.raises(ValueError, match="columns"):
             fn(X, w[:-1], 3)
-        with pytest.raises(ValueError, match="k must satisfy"):
+        with pytest.raises(ValueError, match="number of weights kept"):
             fn(X, w, 0)
-        with pytest.raises(ValueError, match="k must satisfy"):
+        with pytest.raises(ValueError, match="number of weights kept"):
             fn(X, w, 31)
         with pytest.raises(ValueError, match="NaN"):
             fn(X * float("nan"), w, 3)
