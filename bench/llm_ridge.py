@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import read_table, replace_row, smollm2_wikitext, split_valid, write_table  # noqa: E402
+from _common import DRIVER_MODE, read_table, replace_row, smollm2_wikitext, split_valid, write_table  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "data" / "bench" / "llm_ridge.csv"
 
@@ -73,7 +73,7 @@ def main():
                 t = time.perf_counter()
                 cm.prune(model, calib, sparsity, method, pattern=pattern, names=names, percdamp=pd)
                 seconds = time.perf_counter() - t
-                row = dict(within_block="true sequential", setting=setting, method=method, percdamp=pd,
+                row = dict(within_block=DRIVER_MODE, setting=setting, method=method, percdamp=pd,
                            perplexity=round(perplexity(model, heldout), 4), seconds=round(seconds, 1),
                            threads=torch.get_num_threads(), windows=a.windows, length=a.length,
                            eval_windows=a.eval, calibration_tokens=n_calib, heldout_tokens=n_held)

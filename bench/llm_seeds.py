@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import read_table, replace_row, smollm2_wikitext, write_table  # noqa: E402
+from _common import DRIVER_MODE, read_table, replace_row, smollm2_wikitext, write_table  # noqa: E402
 
 METHODS = {"alps": "ALPS", "chita-layer": "CHITA (layer-wise)"}
 OUT = Path(__file__).resolve().parents[1] / "data" / "bench" / "llm_seeds.csv"
@@ -94,7 +94,7 @@ def main():
                 t = time.perf_counter()
                 cm.prune(model, calib, sparsity, method, pattern=pattern, names=names)
                 seconds = time.perf_counter() - t
-                row = dict(within_block="true sequential", setting=setting, seed=str(seed), method=method,
+                row = dict(within_block=DRIVER_MODE, setting=setting, seed=str(seed), method=method,
                            perplexity=round(perplexity(model, test), 4), seconds=round(seconds, 1),
                            threads=torch.get_num_threads(), windows=a.windows, length=a.length, eval_windows=a.eval)
                 del model

@@ -60,6 +60,11 @@ def check_fraction(name: str, value) -> float:
     return check_number(name, value, 0, 1, low_open=True, high_open=True)
 
 
+def check_bits(value) -> int:
+    """``value`` as an int bit width of a quantization grid, 2 to 16; TypeError/ValueError naming ``bits``."""
+    return check_int("bits", value, low=2, high=16)
+
+
 def check_choice(name: str, value, choices):
     """``value`` if it is one of ``choices``; ValueError naming ``name`` and listing the choices."""
     if not isinstance(value, str) or value not in choices:

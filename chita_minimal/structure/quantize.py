@@ -39,18 +39,11 @@ from chita_minimal.methods.layerwise import (calibration_hessians, inverse_hessi
 from chita_minimal.report import Report
 from chita_minimal.solver.problem import check_tensor
 from chita_minimal.utils import check_int as _check_int
-from chita_minimal.utils import check_sparsity, renamed
+from chita_minimal.utils import check_bits, check_sparsity, renamed
 
 
 # -----------------------------------------------------------------------------
 # the grid
-
-BITS = (2, 16)  # the bit widths this module quantizes to
-
-
-def top_level(bits) -> int:
-    """The largest integer level 2^bits − 1 of a ``bits``-wide grid; ``bits`` checked against :data:`BITS`."""
-    return 2 ** _check_int("bits", bits, low=BITS[0], high=BITS[1]) - 1
 
 
 def quant_grid(W: torch.Tensor, bits: int, per_channel: bool = True,
@@ -63,7 +56,7 @@ def quant_grid(W: torch.Tensor, bits: int, per_channel: bool = True,
     a float), so q = zero gives exactly 0.
     """
     check_tensor("W", W, 2)
-    maxq = top_level(bits)
+    maxq = 2 ** check_bits(bits) - 1
     W = W.detach()
     dt = torch.float64 if W.dtype == torch.float64 else torch.float32
     X = W.to(dt) if per_channel else W.to(dt).reshape(1, -1)
@@ -83,7 +76,7 @@ def quant_grid(W: torch.Tensor, bits: int, per_channel: bool = True,
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """The grid value scale·(clamp(round(w/scale) + zero, 0, 2^bits − 1) − zero), dequantized (broadcasts)."""
-    maxq = top_level(bits)
+    maxq = 2 ** check_bits(bits) - 1
     q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
     return scale * (q - zero)
 
@@ -119,7 +112,7 @@ def obq_layer(W: torch.Tensor, H: torch.Tensor, bits: int, *, percdamp: float = 
     """
     check_tensor("W", W, 2)
     check_tensor("H", H, 2)
-    top_level(bits)
+    check_bits(bits)
     rows, cols = W.shape
     if H.shape != (cols, cols):
         raise ValueError(f"H must have shape ({cols}, {cols}) to match W {tuple(W.shape)}, got {tuple(H.shape)}")
@@ -214,7 +207,7 @@ def quantize_model(model: nn.Module, dataset, bits: int, *, method: str = "obq",
     Returns a :class:`QuantReport`.
     """
     t0 = time.perf_counter()
-    top_level(bits)
+    check_bits(bits)
     if method not in ("obq", "rtn"):
         raise ValueError(f"method must be 'obq' or 'rtn', got {method!r}")
     if sparsity is not None:
