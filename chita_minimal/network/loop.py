@@ -3,16 +3,27 @@
 Their conventions are those of :func:`chita_minimal.network.finetune.train_epochs`: SGD on a
 TensorDataset, batches from a permutation drawn with ``seed`` + epoch, cross-entropy loss and a
 cosine learning rate from ``lr`` to 0 over all steps. Each method masks the gradients of its own
-between :func:`forward_backward` and ``opt.step()``.
+between :func:`forward_backward` and ``opt.step()``. The loop around it is the same for all::
+
+    with train_mode(model):
+        for epoch in range(epochs):
+            batches = EpochBatches(dataset, batch_size, seed, epoch, device, dtype, f"rigl {epoch + 1}/{epochs}")
+            for x, y in batches:
+                loss = forward_backward(model, opt, x, y, cosine_lr(lr, step, total))
+                ...                                   # the method's own masking, opt.step(), its schedule
+                batches.add(loss, len(y))
+            losses.append(batches.mean)
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from chita_minimal.network import params
 from chita_minimal.solver.problem import num_kept
@@ -45,6 +56,40 @@ def epoch_batches(dataset, batch_size, seed, epoch, device, dtype):
         idx = order[start:start + batch_size]
         x = X[idx]
         yield (x.to(device, dtype=dtype) if x.is_floating_point() else x.to(device)), Y[idx].to(device)
+
+
+class EpochBatches:
+    """The batches of one epoch (:func:`epoch_batches`) behind a progress bar (``progress``) that shows the running
+    mean of the losses given to :meth:`add`; ``mean`` is that mean over the epoch's samples."""
+
+    def __init__(self, dataset, batch_size, seed, epoch, device, dtype, desc: str, progress: bool = False):
+        self.total, self.seen = 0.0, 0
+        self.bar = tqdm(epoch_batches(dataset, batch_size, seed, epoch, device, dtype), desc=desc, leave=False,
+                        total=math.ceil(len(dataset) / batch_size), disable=not progress)
+
+    def __iter__(self):
+        return iter(self.bar)
+
+    def add(self, loss: torch.Tensor, n: int) -> None:
+        """Count a batch of ``n`` samples with mean loss ``loss`` (read back to the host once per batch)."""
+        self.total += float(loss.detach()) * n
+        self.seen += n
+        self.bar.set_postfix(loss=f"{self.mean:.4f}")
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.seen
+
+
+@contextmanager
+def train_mode(model: nn.Module):
+    """``model`` in training mode inside the block; its own mode back afterwards, also on an error."""
+    was_training = model.training
+    model.train()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def cosine_lr(lr, step, total):

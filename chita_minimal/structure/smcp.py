@@ -60,10 +60,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from chita_minimal.network import params
-from chita_minimal.network.loop import cosine_lr, epoch_batches, forward_backward, setup
+from chita_minimal.network.loop import EpochBatches, cosine_lr, forward_backward, setup, train_mode
 from chita_minimal.network.measure import latency as _latency
 from chita_minimal.structure import channels as structured
 from chita_minimal.structure.graph import example_inputs_for
@@ -516,8 +515,7 @@ def smcp_train(model: nn.Module, train_dataset, fraction: float, epochs: int, *,
 
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
                           nesterov=nesterov and momentum > 0)
-    steps = math.ceil(len(train_dataset) / batch_size)
-    total = epochs * steps
+    total = epochs * math.ceil(len(train_dataset) / batch_size)
     frozen_at = min(total, max(1, round(freeze * total)))
     dtype = next(model.parameters()).dtype
     keep = {g: torch.ones(gr.channels, dtype=torch.bool) for g, gr in groups.items()}
@@ -548,15 +546,11 @@ def smcp_train(model: nn.Module, train_dataset, fraction: float, epochs: int, *,
             if buf is not None:
                 buf.mul_(m)
 
-    was_training = model.training
-    model.train()
-    gates = ChannelGates(model, keep, groups)
-    try:
+    with train_mode(model), ChannelGates(model, keep, groups) as gates:
         for epoch in range(epochs):
-            run, seen = 0.0, 0
-            bar = tqdm(epoch_batches(train_dataset, batch_size, seed, epoch, device, dtype), total=steps,
-                       desc=f"smcp {epoch + 1}/{epochs}", disable=not progress, leave=False)
-            for x, y in bar:
+            batches = EpochBatches(train_dataset, batch_size, seed, epoch, device, dtype, f"smcp {epoch + 1}/{epochs}",
+                                   progress)
+            for x, y in batches:
                 loss = forward_backward(model, opt, x, y, cosine_lr(lr, step, total))
                 step += 1
                 with torch.no_grad():
@@ -569,13 +563,8 @@ def smcp_train(model: nn.Module, train_dataset, fraction: float, epochs: int, *,
                     restore()
                 if not frozen and (step == frozen_at or step % update_every == 0):
                     update(final=step == frozen_at)
-                run += float(loss.detach()) * len(y)
-                seen += len(y)
-                bar.set_postfix(loss=f"{run / seen:.4f}")
-            losses.append(run / seen)
-    finally:
-        gates.remove()
-        model.train(was_training)
+                batches.add(loss, len(y))
+            losses.append(batches.mean)
     small = structured.shrink(model, keep, example_inputs)
     flops_small = structured.flops(small, input_shape)
     achieved = 1 - flops_small / flop_model.total

@@ -33,10 +33,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from chita_minimal.network import params
-from chita_minimal.network.loop import cosine_lr, epoch_batches, forward_backward, setup
+from chita_minimal.network.loop import EpochBatches, cosine_lr, forward_backward, setup, train_mode
 from chita_minimal.solver.problem import num_kept
 from chita_minimal.training.sparse_training import SparseTrainResult
 from chita_minimal.structure.channels import channel_groups, flops, select, shrink, weight_groups
@@ -251,16 +250,13 @@ def earlycrop_train(model: nn.Module, train_dataset, sparsity: float, epochs: in
         masks = _global_topk(S, k)
         return torch.cat([m.flatten() for m in masks.values()]), None, masks
 
-    was_training = model.training
-    model.train()
     losses, history, step = [], [], 0
     masks, keep, prev, prune_step = None, None, None, None
-    try:
+    with train_mode(model):
         for epoch in range(epochs):
-            run, seen = 0.0, 0
-            bar = tqdm(epoch_batches(train_dataset, batch_size, seed, epoch, device, dtype), total=steps,
-                       desc=f"earlycrop {epoch + 1}/{epochs}", disable=not progress, leave=False)
-            for x, y in bar:
+            batches = EpochBatches(train_dataset, batch_size, seed, epoch, device, dtype,
+                                   f"earlycrop {epoch + 1}/{epochs}", progress)
+            for x, y in batches:
                 if masks is None and (check_every == 0 or step == deadline or step % check_every == 0):
                     flat, keep_now, masks_now = mask_of(saliency(model, xs, ys, names))
                     iou = None if prev is None else _iou(prev, flat)
@@ -283,12 +279,8 @@ def earlycrop_train(model: nn.Module, train_dataset, sparsity: float, epochs: in
                 if masks is not None:
                     params.apply_masks(model, masks)
                 step += 1
-                run += float(loss.detach()) * len(y)
-                seen += len(y)
-                bar.set_postfix(loss=f"{run / seen:.4f}")
-            losses.append(run / seen)
-    finally:
-        model.train(was_training)
+                batches.add(loss, len(y))
+            losses.append(batches.mean)
     kept = sum(int(m.sum()) for m in masks.values())
     seconds = {"total": time.perf_counter() - t0}  # training and pruning; removing the channels is not timed
     achieved, small = 1 - kept / p_total, None

@@ -24,10 +24,9 @@ import time
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from chita_minimal.network import params
-from chita_minimal.network.loop import cosine_lr, epoch_batches, forward_backward, setup
+from chita_minimal.network.loop import EpochBatches, cosine_lr, forward_backward, setup, train_mode
 from chita_minimal.training.sparse_training import DISTRIBUTIONS, SparseTrainResult, layer_counts
 from chita_minimal.utils import check_int as _int
 from chita_minimal.utils import check_number
@@ -139,16 +138,13 @@ def gap_train(model: nn.Module, train_dataset, sparsity: float, epochs: int, *, 
         return new_kept / max(kept, 1)
 
     dtype = next(iter(ws.values())).dtype
-    was_training = model.training
-    model.train()
     losses, history, step, phase = [], [], 0, 0
     grow(0)
-    try:
+    with train_mode(model):
         for epoch in range(epochs):
-            run, seen = 0.0, 0
-            bar = tqdm(epoch_batches(train_dataset, batch_size, seed, epoch, device, dtype), total=steps,
-                       desc=f"gap {epoch + 1}/{epochs}", disable=not progress, leave=False)
-            for x, y in bar:
+            batches = EpochBatches(train_dataset, batch_size, seed, epoch, device, dtype, f"gap {epoch + 1}/{epochs}",
+                                   progress)
+            for x, y in batches:
                 loss = forward_backward(model, opt, x, y, cosine_lr(lr, step, total))
                 for n, w in ws.items():
                     w.grad.masked_fill_(~masks[n], 0)
@@ -165,12 +161,8 @@ def gap_train(model: nn.Module, train_dataset, sparsity: float, epochs: int, *, 
                         grow(phase % partitions)
                 if callback is not None:
                     callback(step, masks, phase % partitions if phase < n_phases else None)
-                run += float(loss.detach()) * len(y)
-                seen += len(y)
-                bar.set_postfix(loss=f"{run / seen:.4f}")
-            losses.append(run / seen)
-    finally:
-        model.train(was_training)
+                batches.add(loss, len(y))
+            losses.append(batches.mean)
     p = sum(w.numel() for w in ws.values())
     kept = sum(int(m.sum()) for m in masks.values())
     return SparseTrainResult(method="gap", target=sparsity, achieved=1 - kept / p,

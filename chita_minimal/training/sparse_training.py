@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
-from tqdm import tqdm
 
 from chita_minimal.network import params
-from chita_minimal.network.loop import cosine_lr, epoch_batches, forward_backward, setup
+from chita_minimal.network.loop import EpochBatches, cosine_lr, forward_backward, setup, train_mode
 from chita_minimal.report import Report
 from chita_minimal.solver.problem import num_kept
 from chita_minimal.utils import check_int as _int
@@ -187,15 +186,12 @@ def rigl(model: nn.Module, train_dataset, sparsity: float, epochs: int, *, lr: f
                           nesterov=nesterov and momentum > 0)
     total = epochs * math.ceil(len(train_dataset) / batch_size)
     dtype = ws[0].dtype
-    was_training = model.training
-    model.train()
     losses, history, step = [], [], 0
-    try:
+    with train_mode(model):
         for epoch in range(epochs):
-            run, seen = 0.0, 0
-            bar = tqdm(epoch_batches(train_dataset, batch_size, seed, epoch, device, dtype), total=total // epochs,
-                       desc=f"rigl {epoch + 1}/{epochs}", disable=not progress, leave=False)
-            for x, y in bar:
+            batches = EpochBatches(train_dataset, batch_size, seed, epoch, device, dtype, f"rigl {epoch + 1}/{epochs}",
+                                   progress)
+            for x, y in batches:
                 loss = forward_backward(model, opt, x, y, cosine_lr(lr, step, total))
                 step += 1
                 update = step % delta_t == 0 and step < t_end * total
@@ -216,12 +212,8 @@ def rigl(model: nn.Module, train_dataset, sparsity: float, epochs: int, *, lr: f
                                 buf.masked_fill_(grown, 0)  # ... with no momentum
                             regrown += int(grown.sum())
                     history.append(dict(step=step, fraction=fraction, regrown=regrown))
-                run += float(loss.detach()) * len(y)
-                seen += len(y)
-                bar.set_postfix(loss=f"{run / seen:.4f}")
-            losses.append(run / seen)
-    finally:
-        model.train(was_training)
+                batches.add(loss, len(y))
+            losses.append(batches.mean)
     p = sum(w.numel() for w in ws)
     kept = sum(int(m.sum()) for m in masks.values())
     return SparseTrainResult(method="rigl", target=sparsity, achieved=1 - kept / p,
@@ -276,21 +268,18 @@ def l0_train(model: nn.Module, train_dataset, sparsity: float, epochs: int, *, l
     gate_opt = torch.optim.Adam(log_alpha, lr=gate_lr)
     shift = beta * math.log(-gamma / zeta)
     gen = torch.Generator(device=device).manual_seed(seed)
-    steps = math.ceil(len(train_dataset) / batch_size)
-    total = epochs * steps
+    total = epochs * math.ceil(len(train_dataset) / batch_size)
 
     def deterministic(la):
         return (torch.sigmoid(la) * (zeta - gamma) + gamma).clamp(0, 1)
 
-    was_training = model.training
-    model.train()
     losses, history, step = [], [], 0
-    try:
+    with train_mode(model):
         for epoch in range(epochs):
-            run, pen, seen = 0.0, 0.0, 0
-            bar = tqdm(epoch_batches(train_dataset, batch_size, seed, epoch, device, ws[0].dtype), total=steps,
-                       desc=f"l0 {epoch + 1}/{epochs}", disable=not progress, leave=False)
-            for x, y in bar:
+            pen = 0.0
+            batches = EpochBatches(train_dataset, batch_size, seed, epoch, device, ws[0].dtype,
+                                   f"l0 {epoch + 1}/{epochs}", progress)
+            for x, y in batches:
                 for group in opt.param_groups:
                     group["lr"] = cosine_lr(lr, step, total)
                 gated = {}
@@ -306,17 +295,13 @@ def l0_train(model: nn.Module, train_dataset, sparsity: float, epochs: int, *, l
                 opt.step()
                 gate_opt.step()
                 step += 1
-                run += float(ce.detach()) * len(y)
+                batches.add(ce, len(y))
                 pen += float(penalty.detach()) * len(y)
-                seen += len(y)
-                bar.set_postfix(loss=f"{run / seen:.4f}")
-            losses.append(run / seen)
+            losses.append(batches.mean)
             with torch.no_grad():
                 closed = sum(int((deterministic(la) == 0).sum()) for la in log_alpha)
-            history.append(dict(epoch=epoch, loss=run / seen, penalty=pen / seen,
+            history.append(dict(epoch=epoch, loss=batches.mean, penalty=pen / batches.seen,
                                 gate_sparsity=closed / sum(w.numel() for w in ws)))
-    finally:
-        model.train(was_training)
 
     with torch.no_grad():
         z = [deterministic(la) for la in log_alpha]
