@@ -1,4 +1,5 @@
-"""Small helpers shared by the package: device choice, seeding, argument checks, renamed arguments."""
+"""Small helpers shared by the package: device choice, seeding, a model's train/eval mode for a block, argument checks,
+renamed arguments."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import numbers
 import random
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -25,6 +27,18 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextmanager
+def model_mode(model: torch.nn.Module, training: bool):
+    """``model`` in training (``training=True``) or evaluation mode inside the block; its own mode back afterwards,
+    also on an error."""
+    was_training = model.training
+    model.train(training)
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def check_int(name: str, value, low: int | None = 1, high: int | None = None) -> int:

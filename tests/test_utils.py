@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from chita_minimal.utils import check_fraction, check_int, check_number, renamed
+from chita_minimal.utils import check_fraction, check_int, check_number, model_mode, renamed
 
 
 @renamed(blocksize="block_size", n="n_grads")
@@ -109,3 +109,17 @@ def test_check_fraction_is_open_at_both_ends():
     for bad in [0, 1, 1.5, -0.1]:
         with pytest.raises(ValueError, match=r"fraction must lie in \(0, 1\)"):
             check_fraction("fraction", bad)
+
+
+@pytest.mark.parametrize("start", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_model_mode_sets_the_mode_inside_and_restores_it_also_on_error(start, training):
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+    model.train(start)
+    with model_mode(model, training) as m:
+        assert m is model and model.training is training and model[1].training is training
+    assert model.training is start and model[1].training is start
+    with pytest.raises(RuntimeError, match="inside"):
+        with model_mode(model, training):
+            raise RuntimeError("inside")
+    assert model.training is start and model[1].training is start

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from chita_minimal.data.datasets import NORMALIZATIONS
 from chita_minimal.utils import check_int as _check_int
+from chita_minimal.utils import model_mode
 
 
 def _check_inputs(model, dataset) -> int:
@@ -63,16 +64,11 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 1000, devi
     n = _check_inputs(model, dataset)
     batch_size = _check_int("batch_size", batch_size)
     device = _model_device(model, device)
-    was_training = model.training
-    model.eval()
     correct = 0
-    try:
-        with torch.inference_mode():
-            for x, y in batches(dataset, batch_size):
-                logits = model(x.to(device))  # (B, classes)
-                correct += int((logits.argmax(dim=1) == y.to(device)).sum())
-    finally:
-        model.train(was_training)
+    with model_mode(model, training=False), torch.inference_mode():
+        for x, y in batches(dataset, batch_size):
+            logits = model(x.to(device))  # (B, classes)
+            correct += int((logits.argmax(dim=1) == y.to(device)).sum())
     return correct / n
 
 

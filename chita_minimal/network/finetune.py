@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from chita_minimal.network.loop import running_sum
 from chita_minimal.network.params import MaskKeeper
 from chita_minimal.scale import distributed
 
@@ -56,7 +57,6 @@ def train_epochs(model: nn.Module, dataset, epochs: int, *, lr: float, momentum:
     steps_per_epoch = math.ceil(len(dataset) / batch_size)
     total = epochs * steps_per_epoch
     keeper = MaskKeeper(model, masks) if masks else None
-    acc_dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
     was_training = model.training
     model.train()
     losses = []
@@ -65,8 +65,7 @@ def train_epochs(model: nn.Module, dataset, epochs: int, *, lr: float, momentum:
         for epoch in range(epochs):
             gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
             order = torch.randperm(len(dataset), generator=gen)
-            # the running loss stays on the device (no host sync per step); float64 as a Python float would be
-            run, seen = torch.zeros((), dtype=acc_dtype, device=device), 0
+            run, seen = running_sum(device), 0  # on the device: no host sync per step
             bar = tqdm(range(0, len(order), batch_size), desc=f"epoch {epoch + 1}/{epochs}", unit="batch",
                        disable=not progress or rank != 0, leave=False)
             for start in bar:
@@ -87,7 +86,7 @@ def train_epochs(model: nn.Module, dataset, epochs: int, *, lr: float, momentum:
                 opt.step()
                 if keeper is not None:
                     keeper.apply()
-                run += loss.detach().to(acc_dtype) * len(idx)
+                run += loss.detach().to(run.dtype) * len(idx)
                 seen += len(idx)
                 step += 1
                 if not bar.disable and (step % 20 == 0 or start + batch_size >= len(order)):

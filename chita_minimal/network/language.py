@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from chita_minimal.network.samples import logits_of
+from chita_minimal.utils import model_mode
 
 
 def is_conv1d(m: nn.Module) -> bool:
@@ -119,17 +120,13 @@ def perplexity(model: nn.Module, windows, *, batch_size: int = 4, progress: bool
     if ids.shape[1] < 2:
         raise ValueError(f"windows need at least 2 tokens to score a next token, got length {ids.shape[1]}")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    try:
+    with model_mode(model, training=False):
         for i in tqdm(range(0, len(ids), batch_size), desc="perplexity", disable=not progress, leave=False):
             x = ids[i:i + batch_size].to(dev)
             logits = logits_of(model(x, use_cache=False))
             total += float(next_token_loss(logits, x)) * x.numel() / x.shape[1] * (x.shape[1] - 1)
             count += x.shape[0] * (x.shape[1] - 1)
-    finally:
-        model.train(was_training)
     return math.exp(total / count)
 
 
@@ -152,8 +149,6 @@ def throughput(model: nn.Module, ids: torch.Tensor, *, new_tokens: int = 32, pro
     if ids.dim() != 2 or ids.shape[1] < prompt:
         raise ValueError(f"ids must be (batch, length ≥ prompt = {prompt}), got shape {tuple(ids.shape)}")
     dev = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     x = ids.to(dev)
     start = x[:1, :prompt]
     pad = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -167,13 +162,11 @@ def throughput(model: nn.Module, ids: torch.Tensor, *, new_tokens: int = 32, pro
             best = min(best, time.perf_counter() - t)
         return best
 
-    try:
-        last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    with model_mode(model, training=False):
         prefill = timed(lambda: model(x, use_cache=True, **last))
         first = timed(lambda: model(start, use_cache=True, **last))
         gen = timed(lambda: model.generate(start, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                            do_sample=False, pad_token_id=pad))
-    finally:
-        model.train(was_training)
     return {"prefill_tokens_per_s": x.numel() / prefill,
             "generate_tokens_per_s": new_tokens / max(gen - first, 1e-9)}

@@ -3,9 +3,10 @@
 Their conventions are those of :func:`chita_minimal.network.finetune.train_epochs`: SGD on a
 TensorDataset, batches from a permutation drawn with ``seed`` + epoch, cross-entropy loss and a
 cosine learning rate from ``lr`` to 0 over all steps. Each method masks the gradients of its own
-between :func:`forward_backward` and ``opt.step()``. The loop around it is the same for all::
+between :func:`forward_backward` and ``opt.step()``. The loop around it is the same for all (``model_mode`` from
+:mod:`chita_minimal.utils`)::
 
-    with train_mode(model):
+    with model_mode(model, training=True):
         for epoch in range(epochs):
             batches = EpochBatches(dataset, batch_size, seed, epoch, device, dtype, f"rigl {epoch + 1}/{epochs}")
             for x, y in batches:
@@ -18,8 +19,6 @@ between :func:`forward_backward` and ``opt.step()``. The loop around it is the s
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,12 +57,20 @@ def epoch_batches(dataset, batch_size, seed, epoch, device, dtype):
         yield (x.to(device, dtype=dtype) if x.is_floating_point() else x.to(device)), Y[idx].to(device)
 
 
+def running_sum(device) -> torch.Tensor:
+    """A zero on ``device`` to sum per-batch losses into without a host sync per step: float64 (the sum a Python
+    float would give), float32 on MPS (no float64)."""
+    device = torch.device(device)
+    return torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+
+
 class EpochBatches:
     """The batches of one epoch (:func:`epoch_batches`) behind a progress bar (``progress``) that shows the running
-    mean of the losses given to :meth:`add`; ``mean`` is that mean over the epoch's samples."""
+    mean of the losses given to :meth:`add` (every 20 batches and at the last); ``mean`` is that mean over the
+    epoch's samples. The sum stays on the device: reading ``mean`` is the one host sync."""
 
     def __init__(self, dataset, batch_size, seed, epoch, device, dtype, desc: str, progress: bool = False):
-        self.total, self.seen = 0.0, 0
+        self.total, self.seen, self.batches = running_sum(device), 0, 0
         self.bar = tqdm(epoch_batches(dataset, batch_size, seed, epoch, device, dtype), desc=desc, leave=False,
                         total=math.ceil(len(dataset) / batch_size), disable=not progress)
 
@@ -71,25 +78,16 @@ class EpochBatches:
         return iter(self.bar)
 
     def add(self, loss: torch.Tensor, n: int) -> None:
-        """Count a batch of ``n`` samples with mean loss ``loss`` (read back to the host once per batch)."""
-        self.total += float(loss.detach()) * n
+        """Count a batch of ``n`` samples with mean loss ``loss``."""
+        self.total += loss.detach().to(self.total.dtype) * n
         self.seen += n
-        self.bar.set_postfix(loss=f"{self.mean:.4f}")
+        self.batches += 1
+        if not self.bar.disable and (self.batches % 20 == 0 or self.batches == self.bar.total):
+            self.bar.set_postfix(loss=f"{self.mean:.4f}")
 
     @property
     def mean(self) -> float:
-        return self.total / self.seen
-
-
-@contextmanager
-def train_mode(model: nn.Module):
-    """``model`` in training mode inside the block; its own mode back afterwards, also on an error."""
-    was_training = model.training
-    model.train()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
+        return float(self.total) / self.seen
 
 
 def cosine_lr(lr, step, total):

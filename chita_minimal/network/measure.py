@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from chita_minimal.utils import model_mode
+
 
 @dataclass
 class Measurement:
@@ -153,22 +155,17 @@ def latency(model, input_shape, *, batch_size: int = 1, repeats: int = 30, warmu
             raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     x = torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(seed)).to(dev)
-    was_training = model.training
-    model.eval()
     times = []
-    try:
-        with torch.inference_mode():
-            for i in range(warmup + repeats):
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                t0 = time.perf_counter()
-                model(x)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                if i >= warmup:
-                    times.append(1000 * (time.perf_counter() - t0))
-    finally:
-        model.train(was_training)
+    with model_mode(model, training=False), torch.inference_mode():
+        for i in range(warmup + repeats):
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            model(x)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            if i >= warmup:
+                times.append(1000 * (time.perf_counter() - t0))
     t = torch.tensor(times)
     return Latency(float(t.median()), float(t.quantile(0.1)), float(t.quantile(0.9)), batch_size, repeats)
 

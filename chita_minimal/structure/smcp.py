@@ -62,12 +62,12 @@ import torch
 from torch import nn
 
 from chita_minimal.network import params
-from chita_minimal.network.loop import EpochBatches, cosine_lr, forward_backward, setup, train_mode
+from chita_minimal.network.loop import EpochBatches, cosine_lr, forward_backward, setup
 from chita_minimal.network.measure import latency as _latency
 from chita_minimal.structure import channels as structured
 from chita_minimal.structure.graph import example_inputs_for
 from chita_minimal.utils import check_int as _int
-from chita_minimal.utils import check_fraction, check_number, renamed
+from chita_minimal.utils import check_fraction, check_number, model_mode, renamed
 
 COSTS = ("flops", "latency")
 
@@ -546,7 +546,7 @@ def smcp_train(model: nn.Module, train_dataset, fraction: float, epochs: int, *,
             if buf is not None:
                 buf.mul_(m)
 
-    with train_mode(model), ChannelGates(model, keep, groups) as gates:
+    with model_mode(model, training=True), ChannelGates(model, keep, groups) as gates:
         for epoch in range(epochs):
             batches = EpochBatches(train_dataset, batch_size, seed, epoch, device, dtype, f"smcp {epoch + 1}/{epochs}",
                                    progress)

@@ -35,13 +35,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from chita_minimal.network import params
-from chita_minimal.network.loop import EpochBatches, cosine_lr, forward_backward, setup, train_mode
+from chita_minimal.network.loop import EpochBatches, cosine_lr, forward_backward, setup
 from chita_minimal.solver.problem import num_kept
 from chita_minimal.training.sparse_training import SparseTrainResult
 from chita_minimal.structure.channels import channel_groups, flops, select, shrink, weight_groups
 from chita_minimal.structure.graph import example_inputs_for
 from chita_minimal.utils import check_int as _int
-from chita_minimal.utils import check_number
+from chita_minimal.utils import check_number, model_mode
 
 
 @dataclass(kw_only=True)
@@ -252,7 +252,7 @@ def earlycrop_train(model: nn.Module, train_dataset, sparsity: float, epochs: in
 
     losses, history, step = [], [], 0
     masks, keep, prev, prune_step = None, None, None, None
-    with train_mode(model):
+    with model_mode(model, training=True):
         for epoch in range(epochs):
             batches = EpochBatches(train_dataset, batch_size, seed, epoch, device, dtype,
                                    f"earlycrop {epoch + 1}/{epochs}", progress)

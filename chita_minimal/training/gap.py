@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from chita_minimal.network import params
-from chita_minimal.network.loop import EpochBatches, cosine_lr, forward_backward, setup, train_mode
+from chita_minimal.network.loop import EpochBatches, cosine_lr, forward_backward, setup
 from chita_minimal.training.sparse_training import DISTRIBUTIONS, SparseTrainResult, layer_counts
 from chita_minimal.utils import check_int as _int
-from chita_minimal.utils import check_number
+from chita_minimal.utils import check_number, model_mode
 
 
 def partition_names(model: nn.Module, partitions: int, names=None) -> list[list[str]]:
@@ -140,7 +140,7 @@ def gap_train(model: nn.Module, train_dataset, sparsity: float, epochs: int, *, 
     dtype = next(iter(ws.values())).dtype
     losses, history, step, phase = [], [], 0, 0
     grow(0)
-    with train_mode(model):
+    with model_mode(model, training=True):
         for epoch in range(epochs):
             batches = EpochBatches(train_dataset, batch_size, seed, epoch, device, dtype, f"gap {epoch + 1}/{epochs}",
                                    progress)

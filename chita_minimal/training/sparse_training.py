@@ -23,11 +23,11 @@ from torch import nn
 from torch.func import functional_call
 
 from chita_minimal.network import params
-from chita_minimal.network.loop import EpochBatches, cosine_lr, forward_backward, setup, train_mode
+from chita_minimal.network.loop import EpochBatches, cosine_lr, forward_backward, running_sum, setup
 from chita_minimal.report import Report
 from chita_minimal.solver.problem import num_kept
 from chita_minimal.utils import check_int as _int
-from chita_minimal.utils import check_number
+from chita_minimal.utils import check_number, model_mode
 
 DISTRIBUTIONS = ("uniform", "erk")
 INITS = ("magnitude", "random")
@@ -187,7 +187,7 @@ def rigl(model: nn.Module, train_dataset, sparsity: float, epochs: int, *, lr: f
     total = epochs * math.ceil(len(train_dataset) / batch_size)
     dtype = ws[0].dtype
     losses, history, step = [], [], 0
-    with train_mode(model):
+    with model_mode(model, training=True):
         for epoch in range(epochs):
             batches = EpochBatches(train_dataset, batch_size, seed, epoch, device, dtype, f"rigl {epoch + 1}/{epochs}",
                                    progress)
@@ -274,9 +274,9 @@ def l0_train(model: nn.Module, train_dataset, sparsity: float, epochs: int, *, l
         return (torch.sigmoid(la) * (zeta - gamma) + gamma).clamp(0, 1)
 
     losses, history, step = [], [], 0
-    with train_mode(model):
+    with model_mode(model, training=True):
         for epoch in range(epochs):
-            pen = 0.0
+            pen = running_sum(device)
             batches = EpochBatches(train_dataset, batch_size, seed, epoch, device, ws[0].dtype,
                                    f"l0 {epoch + 1}/{epochs}", progress)
             for x, y in batches:
@@ -296,11 +296,11 @@ def l0_train(model: nn.Module, train_dataset, sparsity: float, epochs: int, *, l
                 gate_opt.step()
                 step += 1
                 batches.add(ce, len(y))
-                pen += float(penalty.detach()) * len(y)
+                pen += penalty.detach().to(pen.dtype) * len(y)
             losses.append(batches.mean)
             with torch.no_grad():
                 closed = sum(int((deterministic(la) == 0).sum()) for la in log_alpha)
-            history.append(dict(epoch=epoch, loss=batches.mean, penalty=pen / batches.seen,
+            history.append(dict(epoch=epoch, loss=batches.mean, penalty=float(pen) / batches.seen,
                                 gate_sparsity=closed / sum(w.numel() for w in ws)))
 
     with torch.no_grad():
